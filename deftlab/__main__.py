@@ -1,0 +1,5 @@
+import sys
+
+from deftlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,29 @@
+"""Named text corpora for perplexity: wikitext2 (test), c4 (validation sample), arith (training text), generated."""
+
+from __future__ import annotations
+
+from deftlab.errors import UnknownNameError
+
+CORPORA = ("wikitext2", "c4", "arith", "generated")
+
+
+def corpus_text(name: str, data_dir=None) -> str:
+    """The evaluation string for `name`.
+
+    wikitext2: the standard "\\n\\n".join of the test rows (SVD-LLM/OWL convention; WeLore joins with ' ').
+    c4: the validation-sample documents joined with "\\n\\n".
+    arith: the arithmetic training set formatted with the Alpaca training template (DeFT's "PPL(Train)").
+    """
+    from deftlab import data
+
+    if name == "wikitext2":
+        return data.load_wikitext2_test(data_dir=data_dir)
+    if name == "c4":
+        return "\n\n".join(data.load_c4_sample(data_dir=data_dir))
+    if name in ("arith", "generated"):
+        from deftlab.tasks.templates import format_train_example
+
+        records = (data.load_arith_train(data_dir=data_dir).records if name == "arith"
+                   else data.generated.generate_arithmetic(2000, seed=0))
+        return "\n\n".join(format_train_example(r) for r in records)
+    raise UnknownNameError("perplexity corpus", name, CORPORA)
