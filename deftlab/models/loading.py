@@ -190,6 +190,11 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
         raise DeftlabError(f"unknown dtype '{dtype_name}'", f"use one of {sorted(_DTYPES)}")
     torch_dtype = _DTYPES[dtype_name]
 
+    if spec.source == "tiny":
+        from deftlab.models.tiny import TinyTokenizer, tiny_llama
+
+        return LoadedModel(model=tiny_llama(seed=0).to(torch_dtype), tokenizer=TinyTokenizer(), spec=spec,
+                           checkpoint_dir=None, fingerprint="tiny:seed0")
     if spec.source == "gguf_package":
         ckpt = ensure_checkpoint(spec)
         source, fingerprint = str(ckpt), json.loads((ckpt / CHECKSUMS).read_text())["files"][WEIGHTS]["sha256"]

@@ -16,7 +16,7 @@ DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: Literal["gguf_package", "hub", "local"]
+    source: Literal["gguf_package", "hub", "local", "tiny"]
     hub_id: str | None = None
     package: str | None = None  # python package that ships a GGUF file
     gguf_file: str | None = None
