@@ -19,7 +19,7 @@ def add_parser(sub, name):
     p = sub.add_parser(name, help="perplexity on wikitext2 / c4 / arith / generated",
                        description="Perplexity over non-overlapping windows (NLL averaged over all tokens).")
     add_common_model_args(p)
-    p.add_argument("--dataset", default="wikitext2", choices=CORPORA, action="append", dest="datasets",
+    p.add_argument("--dataset", default=None, choices=CORPORA, action="append", dest="datasets",
                    help="corpus (repeatable; default wikitext2)")
     add_ppl_args(p)
     p.add_argument("--json", action="store_true", help="print results as JSON")
@@ -31,7 +31,7 @@ def run(args) -> int:
     from deftlab.eval.perplexity import perplexity, tokenize_corpus
     from deftlab.models import load_model
 
-    datasets = args.datasets[1:] if len(args.datasets) > 1 else args.datasets  # drop the default when given
+    datasets = args.datasets or ["wikitext2"]
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"model {lm.spec.name}: {lm.num_params:,} parameters")
     out = {}

@@ -7,6 +7,13 @@ from deftlab.errors import UnknownNameError
 CORPORA = ("wikitext2", "c4", "arith", "generated")
 
 
+def alpaca_text(record: dict) -> str:
+    """An arithmetic record as training text: the Alpaca prompt followed by the response."""
+    from deftlab.tasks.templates import ALPACA_PROMPT
+
+    return ALPACA_PROMPT.format(instruction=record["instruction"]) + record["output"]
+
+
 def corpus_text(name: str, data_dir=None) -> str:
     """The evaluation string for `name`.
 
@@ -21,9 +28,8 @@ def corpus_text(name: str, data_dir=None) -> str:
     if name == "c4":
         return "\n\n".join(data.load_c4_sample(data_dir=data_dir))
     if name in ("arith", "generated"):
-        from deftlab.tasks.templates import format_train_example
+        from deftlab.data.generated import generate_arith
 
-        records = (data.load_arith_train(data_dir=data_dir).records if name == "arith"
-                   else data.generated.generate_arithmetic(2000, seed=0))
-        return "\n\n".join(format_train_example(r) for r in records)
+        records = data.load_arith_train(data_dir) if name == "arith" else generate_arith(2000, seed=0)
+        return "\n\n".join(alpaca_text(r) for r in records)
     raise UnknownNameError("perplexity corpus", name, CORPORA)

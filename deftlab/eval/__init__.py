@@ -1,0 +1,1 @@
+"""Evaluation metrics: answer extraction and equivalence, ROUGE, train/test overlap."""
