@@ -1,0 +1,1 @@
+"""Compact storage of fine-tuned weight updates ΔW (OSD and its baselines)."""
