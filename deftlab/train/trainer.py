@@ -1,0 +1,200 @@
+"""Build the pl.Trainer and run a fine-tune: checkpoints of the trainable tensors only, automatic resume.
+
+Checkpoint layout under <run_dir>/checkpoints/: `last.ckpt` holds the training state (optimizer moments of the
+trainable parameters, loop progress, data position, lr scheduler, run statistics) and names its weights file,
+`last-weights-step<N>.safetensors`, which holds only the trainable tensors. The weights are written first and the
+.ckpt (atomically) second, so a crash never pairs a .ckpt with missing weights. A 135M model's frozen base is
+never copied into a checkpoint.
+
+`fit` resumes from `last.ckpt` when the run directory has one, so re-running an interrupted command continues at
+the saved step with the same data order; re-running a finished one returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from safetensors.torch import load_file, save_file
+
+from deftlab.config import to_dict
+from deftlab.errors import CacheCorruptError
+from deftlab.manifest import write_json_atomic
+from deftlab.train.datamodule import TaskDataModule
+from deftlab.train.module import DeftLightningModule
+from deftlab.train.presets import TrainPreset, resolve_precision
+from deftlab.train.records import finish_loggers, make_loggers
+
+CKPT_DIR = "checkpoints"
+LAST = "last.ckpt"
+WEIGHTS_KEY = "deftlab_weights_file"
+FINAL_WEIGHTS = "trainable.safetensors"
+TRAIN_STATS = "train_stats.json"
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    """safetensors file via temp + rename. Tensors are cloned to CPU: safetensors refuses shared storage."""
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
+
+
+class TrainableSafetensorsIO(TorchCheckpointIO):
+    """Writes checkpoint["state_dict"] (already reduced to trainable tensors) to safetensors beside the .ckpt."""
+
+    @staticmethod
+    def _weights_glob(path: Path) -> list[Path]:
+        return sorted(path.parent.glob(f"{path.stem}-weights-step*.safetensors"))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights = checkpoint.pop("state_dict", {})
+        name = f"{path.stem}-weights-step{int(checkpoint.get('global_step', 0)):08d}.safetensors"
+        save_safetensors_atomic(weights, path.parent / name, {"global_step": str(checkpoint.get("global_step", 0))})
+        checkpoint[WEIGHTS_KEY] = name
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)  # atomic (temp file + rename)
+        finally:
+            checkpoint["state_dict"] = weights
+        for old in self._weights_glob(path):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        path = Path(path)
+        ckpt = super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        name = ckpt.get(WEIGHTS_KEY)
+        if name is None:  # a plain Lightning checkpoint
+            return ckpt
+        wpath = path.parent / name
+        if not wpath.is_file():
+            raise CacheCorruptError(f"checkpoint {path} names missing weights file {name}",
+                                    f"delete {path.parent} to restart the run")
+        ckpt["state_dict"] = load_file(str(wpath), device="cpu")
+        return ckpt
+
+    def remove_checkpoint(self, path) -> None:
+        path = Path(path)
+        for w in self._weights_glob(path):
+            w.unlink(missing_ok=True)
+        super().remove_checkpoint(path)
+
+
+class SaveOnTrainEnd(Callback):
+    """Also checkpoint the final step, so re-running a finished run restores it instead of retraining."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(str(self.path), weights_only=False)
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    p = Path(run_dir) / CKPT_DIR / LAST
+    return p if p.is_file() else None
+
+
+def build_trainer(preset: TrainPreset, run_dir: str | os.PathLike, *, loggers: list | bool = False,
+                  callbacks: list | None = None, progress: bool = True, accelerator: str = "auto") -> pl.Trainer:
+    """pl.Trainer for one device with the preset's precision, accumulation and step/epoch limits."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / CKPT_DIR
+    # save_top_k=0 + save_last: only last.ckpt, rewritten every `save_every_n_steps` optimizer steps
+    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_top_k=0, save_last=True,
+                           every_n_train_steps=preset.save_every_n_steps, save_on_train_epoch_end=False,
+                           enable_version_counter=False)
+    cbs = [ckpt, SaveOnTrainEnd(ckpt_dir / LAST)]
+    if progress:
+        cbs.append(TQDMProgressBar(refresh_rate=1))
+    cbs.extend(callbacks or [])
+    step_based = preset.max_steps > 0
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=resolve_precision(preset.precision),
+        max_epochs=-1 if step_based else preset.epochs,
+        max_steps=preset.max_steps if step_based else -1,
+        accumulate_grad_batches=preset.accumulate_grad_batches,
+        gradient_clip_val=preset.gradient_clip_val,
+        logger=loggers,
+        callbacks=cbs,
+        plugins=[TrainableSafetensorsIO()],
+        default_root_dir=str(run_dir),
+        log_every_n_steps=preset.log_every_n_steps,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,  # one device; our batch sampler owns the (resumable) order
+    )
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's requires_grad tensors by parameter name (shared/tied tensors once)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model: torch.nn.Module, tokenizer, task, preset: TrainPreset, run_dir: str | os.PathLike, *,
+        datamodule: TaskDataModule | None = None, loggers: list | bool | str = "auto",
+        wandb_mode: str | None = None, callbacks: list | None = None, resume: bool = True, progress: bool = True,
+        accelerator: str = "auto") -> dict:
+    """Fine-tune `model`'s trainable parameters on `task` with `preset`; return training statistics.
+
+    Writes <run_dir>/checkpoints/, <run_dir>/trainable.safetensors (final trainable tensors, names as in
+    `model.named_parameters()`) and <run_dir>/train_stats.json. The model is trained in place and returned to
+    eval mode. `loggers="auto"`: W&B (offline unless `wandb_mode`/WANDB_MODE say otherwise) + CSV under run_dir;
+    False: no logging; or a list of Lightning loggers.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    own_loggers = loggers == "auto"
+    if own_loggers:
+        loggers = make_loggers(run_dir, run_name=run_dir.name, wandb_mode=wandb_mode,
+                               config={"preset": to_dict(preset), "task": task.describe()})
+    pl.seed_everything(preset.seed, workers=True, verbose=False)
+    dm = datamodule or TaskDataModule(task, tokenizer, cutoff_len=preset.cutoff_len,
+                                      micro_batch_size=preset.micro_batch_size, limit=preset.train_limit,
+                                      seed=preset.seed)
+    module = DeftLightningModule(model, lr=preset.lr, betas=tuple(preset.betas), weight_decay=preset.weight_decay,
+                                 warmup_steps=preset.warmup_steps, schedule=preset.schedule,
+                                 min_lr_ratio=preset.min_lr_ratio)
+    trainer = build_trainer(preset, run_dir, loggers=loggers, callbacks=callbacks, progress=progress,
+                            accelerator=accelerator)
+    ckpt_path = last_checkpoint(run_dir) if resume else None
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        # single-process data loading is deliberate (tokenised in memory); Lightning warns about it
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # our DataModule restores the data position itself (state_dict/load_state_dict), which Lightning misses
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        status = "failed"
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            status = "success"
+        finally:
+            if own_loggers:
+                finish_loggers(loggers, status)
+    model.eval()
+    stats = module.training_summary()
+    stats.update({
+        "wall_seconds": time.perf_counter() - t0,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "precision": resolve_precision(preset.precision),
+        "accumulate_grad_batches": preset.accumulate_grad_batches,
+        "data": dm.stats,
+        "preset": to_dict(preset),
+        "task": task.name,
+    })
+    save_safetensors_atomic(trainable_state(model), run_dir / FINAL_WEIGHTS, {"global_step": str(stats["global_step"])})
+    write_json_atomic(run_dir / TRAIN_STATS, stats)
+    return stats

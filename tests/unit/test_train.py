@@ -1,0 +1,202 @@
+"""Fine-tuning on the tiny model: loss masking, the smoke fine-tune, resume, presets, run records."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+
+from deftlab.config import ConfigError
+from deftlab.errors import DeftlabError, UnknownNameError
+from deftlab.models.tiny import TinyTokenizer, tiny_llama
+from deftlab.tasks import get_task
+from deftlab.train.module import lr_factor, masked_lm_loss
+from deftlab.train.presets import TrainPreset, load_preset, preset_names
+from deftlab.train.records import RECORD_CSV, RECORD_JSON, make_loggers, write_run_record
+from deftlab.train.trainer import CKPT_DIR, FINAL_WEIGHTS, fit
+
+# Loss of tiny_llama(seed 0) on the first smoke batch of generated arithmetic (computed once, torchtune-style).
+EXPECTED_INITIAL_LOSS = 4.8979
+
+
+@pytest.fixture(scope="module")
+def task():
+    torch.set_num_threads(1)
+    return get_task("generated", n_train=64, n_test=8)
+
+
+def _model(trainable=("q_proj", "v_proj")):
+    """Tiny LLaMA with only some weights trainable (stands in for an adapter)."""
+    m = tiny_llama(max_position_embeddings=512)
+    for n, p in m.named_parameters():
+        p.requires_grad = any(t in n for t in trainable)
+    return m.train()
+
+
+# --- loss -------------------------------------------------------------------------------------------------------
+def test_masked_loss_counts_only_response_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 2], [-100, -100, 7, 2, -100, -100]])
+    loss, n = masked_lm_loss(logits, labels)
+    ref = torch.nn.functional.cross_entropy(
+        torch.stack([logits[0, 2], logits[0, 3], logits[0, 4], logits[1, 1], logits[1, 2]]),
+        torch.tensor([4, 5, 2, 7, 2]))
+    assert n == 5 and torch.allclose(loss, ref)
+    changed = logits.clone()
+    changed[0, :2, 4] += 5.0  # positions predicting prompt tokens
+    changed[1, 3:, 2] -= 3.0  # positions predicting padding
+    assert torch.allclose(masked_lm_loss(changed, labels)[0], loss)
+    changed[0, 3, 0] += 1.0  # a position predicting a response token
+    assert not torch.allclose(masked_lm_loss(changed, labels)[0], loss)
+    with pytest.raises(DeftlabError):
+        masked_lm_loss(logits, torch.full_like(labels, -100))
+
+
+def test_lr_schedules():
+    kw = dict(warmup_steps=10, total_steps=110)
+    assert lr_factor(0, **kw) == 0.0 and lr_factor(5, **kw) == 0.5 and lr_factor(10, **kw) == 1.0
+    assert lr_factor(60, **kw) == pytest.approx(0.5) and lr_factor(110, **kw) == 0.0
+    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(110, schedule="cosine", min_lr_ratio=0.1, **kw) == pytest.approx(0.1)
+    assert lr_factor(100, schedule="constant", **kw) == 1.0
+
+
+# --- smoke fine-tune ------------------------------------------------------------------------------------------------
+def test_smoke_finetune_lowers_loss(task, tmp_path):
+    model = _model(trainable=("",))  # everything trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = fit(model, TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False, progress=False)
+    assert stats["global_step"] == 6 and stats["micro_batches"] == 12  # 6 steps × accumulation 2
+    assert stats["initial_loss"] == pytest.approx(EXPECTED_INITIAL_LOSS, abs=2e-3)
+    assert stats["final_loss"] < stats["initial_loss"] - 0.5
+    assert stats["tokens_per_s"] > 0 and stats["peak_memory_bytes"] > 0 and stats["data"]["examples"] > 20
+    assert not model.training  # handed back in eval mode
+    saved = load_file(str(tmp_path / FINAL_WEIGHTS))
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+    assert json.loads((tmp_path / "train_stats.json").read_text())["global_step"] == 6
+
+
+def test_frozen_weights_stay_frozen(task, tmp_path):
+    model = _model()
+    frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    fit(model, TinyTokenizer(), task, load_preset("smoke", max_steps=2), tmp_path, loggers=False, progress=False)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, frozen)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)
+
+
+def test_no_trainable_parameters_is_an_error(task, tmp_path):
+    with pytest.raises(DeftlabError, match="no trainable parameters"):
+        fit(_model(trainable=()), TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False,
+            progress=False)
+
+
+# --- resume ---------------------------------------------------------------------------------------------------
+class _Interrupt(pl.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_interrupted_run_resumes_from_checkpoint(task, tmp_path):
+    # 2 epochs of 15 micro-batches (accumulation 2 → 8 steps/epoch); checkpoints every 3 steps, crash at step 10:
+    # the resume point (step 9) lies inside epoch 2, so the data position must be restored too.
+    preset = load_preset("smoke", max_steps=-1, epochs=2, save_every_n_steps=3)
+    tok = TinyTokenizer()
+    ref = fit(_model(), tok, task, preset, tmp_path / "ref", loggers=False, progress=False)
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(_model(), tok, task, preset, run, loggers=False, progress=False, callbacks=[_Interrupt(10)])
+    ckpts = sorted(p.name for p in (run / CKPT_DIR).iterdir())
+    assert ckpts == ["last-weights-step00000009.safetensors", "last.ckpt"]
+    model = _model()
+    weights = load_file(str(run / CKPT_DIR / ckpts[0]))
+    assert set(weights) == {"model." + n for n, p in model.named_parameters() if p.requires_grad}  # trainable only
+    assert len(weights) == 4  # q_proj and v_proj of 2 layers; the frozen base is not in the checkpoint
+
+    stats = fit(model, tok, task, preset, run, loggers=False, progress=False)
+    assert stats["resumed_from_step"] == 9 and stats["global_step"] == ref["global_step"] == 16
+    a, b = load_file(str(tmp_path / "ref" / FINAL_WEIGHTS)), load_file(str(run / FINAL_WEIGHTS))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same data order and optimizer state as the uninterrupted run
+
+    again = fit(_model(), tok, task, preset, run, loggers=False, progress=False)  # finished: restores, no training
+    assert again["resumed_from_step"] == 16 and again["global_step"] == 16
+
+
+def test_resume_with_other_trainable_set_fails(task, tmp_path):
+    preset = load_preset("smoke", max_steps=2)
+    fit(_model(), TinyTokenizer(), task, preset, tmp_path, loggers=False, progress=False)
+    with pytest.raises(DeftlabError, match="trainable tensors do not match"):
+        fit(_model(trainable=("k_proj",)), TinyTokenizer(), task, load_preset("smoke", max_steps=4), tmp_path,
+            loggers=False, progress=False)
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+def test_presets_load_and_validate():
+    assert set(preset_names()) >= {"paper", "gpu", "cpu-small", "smoke"}
+    paper = load_preset("paper")
+    assert (paper.lr, paper.batch_size, paper.lora_r, paper.lora_alpha, paper.epochs) == (3e-4, 16, 32, 16, 3)
+    assert paper.betas == [0.9, 0.999] and paper.lr_grid == [1e-4, 3e-4, 5e-4] and paper.train_limit is None
+    assert load_preset("gpu").precision == "bf16-mixed" and load_preset("cpu-small").precision == "32-true"
+    cpu = load_preset("cpu-small")
+    assert cpu.eval_limit == 50 and cpu.train_limit and cpu.accumulate_grad_batches == 4
+    assert load_preset("smoke", lr=1e-3).lr == 1e-3
+    from deftlab.adapters.config import AdapterConfig
+
+    cfg = AdapterConfig(kind="lora", **paper.adapter_kwargs())
+    assert (cfg.r, cfg.alpha, cfg.dropout) == (32, 16, 0.05) and "down_proj" in cfg.target_modules
+    with pytest.raises(UnknownNameError, match="unknown preset 'nope'"):
+        load_preset("nope")
+    with pytest.raises(ConfigError, match="multiple"):
+        load_preset("smoke", batch_size=5)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_preset("smoke", learning_rate=1e-3)
+    with pytest.raises(ConfigError):
+        load_preset("smoke", precision="fp8")
+
+
+# --- records ----------------------------------------------------------------------------------------------------
+def test_run_record_json_and_csv(tmp_path):
+    model = _model()
+    rec = write_run_record(tmp_path, config={"preset": "smoke"}, seed=3, model=model,
+                           train={"peak_memory_bytes": 123, "tokens_per_s": 45.0, "losses": [1.0]},
+                           metrics={"AddSub": {"accuracy": 0.5}}, wall_time_s=9.0)
+    saved = json.loads((tmp_path / RECORD_JSON).read_text())
+    assert saved["seed"] == 3 and saved["config"] == {"preset": "smoke"} and "packages" in saved
+    res = saved["results"]
+    assert res["params"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert res["peak_memory_bytes"] == 123 and res["train_tokens_per_s"] == 45.0 and res["wall_time_s"] == 9.0
+    assert res["metrics"]["AddSub"]["accuracy"] == 0.5 and "losses" not in res["train"]
+    rows = (tmp_path / RECORD_CSV).read_text().splitlines()
+    assert len(rows) == 2 and "metrics.AddSub.accuracy" in rows[0] and rec["results"] == res
+
+
+def test_loggers_fall_back_to_csv_when_wandb_fails(tmp_path, monkeypatch):
+    import pytorch_lightning.loggers as L
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("no wandb here")
+
+    monkeypatch.setattr(L, "WandbLogger", Broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loggers = make_loggers(tmp_path, run_name="r")
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
+    assert any("W&B logging unavailable" in str(w.message) for w in caught)
+    assert [type(lg).__name__ for lg in make_loggers(tmp_path, run_name="r", wandb_mode="disabled")] == ["CSVLogger"]
+
+
+def test_train_preset_defaults_are_the_paper_recipe():
+    p = TrainPreset()
+    assert (p.lr, p.betas, p.batch_size, p.lora_r, p.lora_alpha, p.cutoff_len) == (3e-4, [0.9, 0.999], 16, 32, 16, 256)
