@@ -65,7 +65,11 @@ def calibration_stats(cfg: CompressConfig, lm, data_dir=None):
     from deftlab.decompose.calibration import CalibrationStats, collect_statistics, stats_key, token_batches
     from deftlab.errors import CacheCorruptError
 
-    texts = calibration_texts(cfg.calib, n=cfg.calib_n, seed=cfg.calib_seed, data_dir=data_dir)
+    from deftlab.eval.corpora import alpaca_text
+
+    # Calibrate on task data in the format the model is fine-tuned on (Alpaca for arithmetic).
+    fmt = alpaca_text if cfg.calib in ("arith", "generated") else None
+    texts = calibration_texts(cfg.calib, n=cfg.calib_n, seed=cfg.calib_seed, data_dir=data_dir, formatter=fmt)
     key = stats_key(lm.fingerprint, fingerprint(texts), cfg.targets, cfg.calib_max_length, 5.0)
     path = cache_dir() / "calibration" / key
     if (path / "stats.json").exists():
@@ -81,8 +85,13 @@ def calibration_stats(cfg: CompressConfig, lm, data_dir=None):
     return stats, key
 
 
-def compress_model(cfg: CompressConfig, *, loaded=None, data_dir=None):
-    """Returns (model, report). The model is modified in place (its target linears are replaced)."""
+def compress_model(cfg: CompressConfig, *, loaded=None, data_dir=None, lora_rank: int = 0, lora_alpha: float = 16.0,
+                   init: str = "deft"):
+    """Returns (model, report). The model is modified in place (its target linears are replaced).
+
+    With lora_rank > 0 and init="deft", the r components after the top θ−r of each matrix are returned in
+    report["lora_tails"] (for deftlab.adapters.attach) and the frozen factors keep only θ−r components.
+    """
     from deftlab.allocate import MatrixSpectrum, allocate
     from deftlab.decompose.cache import DecompositionCache, decomposition_key, decompose_all
     from deftlab.models import load_model
@@ -118,8 +127,8 @@ def compress_model(cfg: CompressConfig, *, loaded=None, data_dir=None):
     alloc = allocate(spectra, cfg.allocator, keep=cfg.keep, err=cfg.err, **kw)
     from deftlab.surgery.replace import build_decomposed_model
 
-    build_decomposed_model(lm.model, alloc, decs)
-    report.update(allocation=alloc, alpha=stats.alpha if stats else None,
+    _, tails = build_decomposed_model(lm.model, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha, init=init)
+    report.update(allocation=alloc, lora_tails=tails, alpha=stats.alpha if stats else None,
                   params_after=sum(p.numel() for p in lm.model.parameters()), seconds=time.time() - t0)
     return lm.model, report
 

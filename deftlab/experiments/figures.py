@@ -1,0 +1,230 @@
+"""Figures rebuilt from the results store only (no recomputation): matplotlib with the Agg backend.
+
+`render_figure(name, preset)` reads the experiment's planned runs from the store and writes
+paper_figures/<name>-<preset>.png. Two figure types:
+- "line": metric(s) vs a param (e.g. accuracy vs parameters preserved), one line per series, mean ± std over
+  repeated runs (seeds), the paper's numbers (where recorded in `reference`) as hollow markers;
+- "layers": per-layer curves from a per-matrix CSV that a run left in its directory (DeFT Figure 6).
+Runs that are not recorded are left out and counted in the title, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from deftlab.errors import DeftlabError
+from deftlab.experiments.registry import Experiment, load_experiment, paper_figures_dir
+from deftlab.experiments.runner import records_for
+from deftlab.experiments.store import ResultsStore
+from deftlab.experiments.tables import _display, metric_value
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def load_results(exp: Experiment, preset: str | None = None, store: ResultsStore | None = None):
+    """One row per planned run: state, labels, scalar params (as given), scalar metrics, run_dir."""
+    import pandas as pd
+
+    store = store or ResultsStore()
+    preset = preset or exp.default_preset
+    rows = []
+    for spec, rec in records_for(exp, preset, store):
+        row: dict[str, Any] = {"key": spec.key, "kind": spec.kind, "state": "done" if rec else "missing",
+                               "run_dir": str(store.run_dir(spec.kind, spec.key))}
+        row.update({k: v for k, v in spec.params.items() if _scalar(v)})
+        row.update(spec.labels)
+        if rec:
+            for k, v in rec["metrics"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in row:
+                    row[k] = v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _transform(exp: Experiment, metric: str):
+    cols = [c for c in (exp.table.columns if exp.table else []) if c.metric == metric]
+    if cols:
+        c = cols[0]
+        return lambda v: _display(c, v), c.display
+    return (lambda v: v), metric.split("|")[0]
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _value(row: dict, name: str) -> float | None:
+    """A numeric param/label/metric of a results row (None when absent or not a number)."""
+    clean = {k: v for k, v in row.items() if _present(v)}
+    v = clean.get(name)
+    if v is None:
+        return metric_value(clean, name)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_line(exp: Experiment, df, fig=None):
+    import matplotlib.pyplot as plt
+
+    spec = exp.figure
+    assert spec is not None and spec.x
+    n = len(spec.y)
+    if fig is None:
+        fig = plt.figure(figsize=(max(4.6 * n, 6.0), 3.8))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    done = df[df["state"] == "done"] if len(df) else df
+    for ax, metric in zip(axes, spec.y):
+        tf, label = _transform(exp, metric)
+        series: dict[tuple, dict[float, list[float]]] = {}
+        for _, row in done.iterrows():
+            r = row.to_dict()
+            x, y = _value(r, spec.x), _value(r, metric)
+            if x is None or y is None:
+                continue
+            skey = tuple(r.get(s) for s in spec.series)
+            series.setdefault(skey, {}).setdefault(float(x), []).append(tf(float(y)))
+        for skey, pts in series.items():
+            xs = sorted(pts)
+            means = [sum(pts[x]) / len(pts[x]) for x in xs]
+            errs = [_std(pts[x]) for x in xs]
+            name = ", ".join(str(v) for v in skey if v is not None) or "ours"
+            if any(e > 0 for e in errs):
+                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name)
+            else:
+                ax.plot(xs, means, marker="o", label=name)
+        if exp.reference:
+            px, py = [], []
+            for e in exp.reference.entries:
+                if spec.x in e.row and metric in e.values:
+                    px.append(float(e.row[spec.x]))
+                    py.append(float(e.values[metric]))
+            if px:
+                ax.scatter(px, py, facecolors="none", edgecolors="black", label="paper", zorder=3)
+        ax.set_xlabel(spec.xlabel or spec.x)
+        ax.set_ylabel(spec.ylabel if (spec.ylabel and n == 1) else label)
+        if spec.logx:
+            ax.set_xscale("log")
+            xs_all = sorted({x for pts in series.values() for x in pts})
+            if xs_all:  # label the measured points themselves, not powers of ten
+                ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+                ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _std(v: list[float]) -> float:
+    if len(v) < 2:
+        return 0.0
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def plot_layers(exp: Experiment, df, fig=None):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    spec = exp.figure
+    assert spec is not None and spec.artifact
+    done = df[df["state"] == "done"] if len(df) else df
+    frames = []
+    for _, row in done.iterrows():
+        path = Path(row["run_dir"]) / spec.artifact
+        if not path.is_file():
+            raise DeftlabError(f"{exp.name}: run {row['kind']}/{row['key']} has no {spec.artifact}",
+                               "re-run it with a deftlab version whose compress run writes that CSV")
+        t = pd.read_csv(path)
+        t["_run"] = ", ".join(str(row.get(s)) for s in spec.series) or row["key"]
+        frames.append(t)
+    if not frames:
+        raise DeftlabError(f"{exp.name}: no recorded runs to plot", f"run: deftlab run {exp.name}")
+    data = pd.concat(frames, ignore_index=True)
+    if spec.layer_column not in data.columns:
+        raise DeftlabError(f"{exp.name}: {spec.artifact} has no '{spec.layer_column}' column",
+                           f"its columns are {list(data.columns)}")
+    panels = [c for c in spec.y if c in data.columns]
+    if not panels:
+        raise DeftlabError(f"{exp.name}: {spec.artifact} has none of the columns {spec.y}",
+                           f"its columns are {list(data.columns)}")
+    if fig is None:
+        fig = plt.figure(figsize=(max(4.2 * len(panels), 6.0), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    group = spec.group_column
+    if group and group not in data.columns and "name" in data.columns:  # "model.layers.3.mlp.up_proj" -> "up_proj"
+        data[group] = data["name"].astype(str).str.rsplit(".", n=1).str[-1]
+    group = group if group and group in data.columns else None
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (ax, col) in enumerate(zip(axes, panels)):
+        keys = ["_run"] + ([group] if group else [])
+        for gkey, g in data.groupby(keys, sort=True):
+            per_layer = g.groupby(spec.layer_column)[col].mean().sort_index()
+            gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+            name = " ".join(str(k) for k in (gkey[1:] if data["_run"].nunique() == 1 else gkey))
+            ax.plot(per_layer.index, per_layer.values, marker=".", label=name or col)
+        ax.set_xlabel(spec.xlabel or spec.layer_column)
+        ax.set_ylabel(col)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0 and ax.get_legend_handles_labels()[0]:  # the same lines in every panel: one legend
+            ax.legend(fontsize=7)
+    return fig
+
+
+def render_figure(name: str, preset: str | None = None, results: str | os.PathLike | None = None,
+                  out: str | os.PathLike | None = None, experiments: str | os.PathLike | None = None) -> Path:
+    """Build figure `name` for `preset` from the store and write it as a PNG; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp = load_experiment(name, experiments)
+    if exp.figure is None:
+        raise DeftlabError(f"experiment '{name}' declares no figure", "add a `figure:` section to its YAML")
+    preset = preset or exp.default_preset
+    exp.preset(preset)  # unknown preset -> clear error
+    store = ResultsStore(results)
+    df = load_results(exp, preset, store)
+    n_missing = int((df["state"] != "done").sum()) if len(df) else 0
+    if len(df) == 0 or n_missing == len(df):
+        raise DeftlabError(f"{name} [{preset}]: no recorded runs in {store.root}",
+                           f"run: deftlab run {name} --preset {preset}")
+    fig = plot_layers(exp, df) if exp.figure.type == "layers" else plot_line(exp, df)
+    title = exp.figure.title or exp.title
+    sub = f"preset {preset}" + (f", {n_missing} of {len(df)} runs missing" if n_missing else "")
+    fig.suptitle(textwrap.fill(title, 80) + f"\n({sub})", fontsize=10)
+    fig.tight_layout()
+    path = Path(out) if out else paper_figures_dir() / f"{name}-{preset}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def figure_main(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of paper_figures/<name>.py."""
+    p = argparse.ArgumentParser(description=f"Rebuild {name} from the results store (no recomputation).")
+    p.add_argument("--preset", default=None, help="preset whose results to plot (default: the experiment's)")
+    p.add_argument("--results", default=None, help="results store (default: $DEFTLAB_RESULTS or ./results)")
+    p.add_argument("--out", default=None, help="output PNG (default: paper_figures/<name>-<preset>.png)")
+    args = p.parse_args(argv)
+    try:
+        path = render_figure(name, args.preset, args.results, args.out)
+    except DeftlabError as e:
+        print(f"{name}: error: {e}", file=__import__("sys").stderr)
+        return 2
+    print(path)
+    return 0

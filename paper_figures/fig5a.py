@@ -1,0 +1,25 @@
+"""DeFT Figure 5a: arithmetic accuracy vs LoRA rank (LoRA vs DeFT).
+
+Rebuilt from the results store only (nothing is recomputed):
+
+    python paper_figures/fig5a.py --preset cpu-small     # -> paper_figures/fig5a-cpu-small.png
+    deftlab run fig5a --preset cpu-small                 # records the runs it plots
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import deftlab  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deftlab.experiments.figures import figure_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return figure_main("fig5a", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

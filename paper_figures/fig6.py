@@ -1,0 +1,25 @@
+"""DeFT Figure 6: per-layer outlier ratio, importance, kept rank and scores (from the compress run's per-matrix CSV).
+
+Rebuilt from the results store only (nothing is recomputed):
+
+    python paper_figures/fig6.py --preset cpu-small     # -> paper_figures/fig6-cpu-small.png
+    deftlab run fig6 --preset cpu-small                 # records the runs it plots
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import deftlab  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deftlab.experiments.figures import figure_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return figure_main("fig6", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
