@@ -1,0 +1,37 @@
+"""Model surgery: low-rank modules, in-place replacement by name, 4-bit storage, checkpoints, parameter counts."""
+
+from deftlab.surgery.checkpoint import load_decomposed_checkpoint, read_rank_map, save_decomposed
+from deftlab.surgery.lowrank import LowRankLinear
+from deftlab.surgery.params import count_params
+from deftlab.surgery.quantize import (
+    check_4bit_support,
+    quantize_dense_linears,
+    quantize_for_qlora,
+    quantize_lowrank,
+)
+from deftlab.surgery.replace import (
+    LoadReport,
+    LoraTail,
+    build_decomposed_model,
+    load_decomposed,
+    plan_module,
+    replace_linears,
+)
+
+__all__ = [
+    "LoadReport",
+    "LoraTail",
+    "LowRankLinear",
+    "build_decomposed_model",
+    "check_4bit_support",
+    "count_params",
+    "load_decomposed",
+    "load_decomposed_checkpoint",
+    "plan_module",
+    "quantize_dense_linears",
+    "quantize_for_qlora",
+    "quantize_lowrank",
+    "read_rank_map",
+    "replace_linears",
+    "save_decomposed",
+]
