@@ -1,0 +1,61 @@
+"""Decomposition from collected statistics vs the bare SVDs it contains (SmolLM2-135M, 210 matrices).
+
+Total = Cholesky + W·S + SVD + triangular solve + factor assembly + cache writes (safetensors, sha256, index),
+versus the sum of bare `torch.linalg.svd` calls on the same W·S matrices (float64). Goal: ratio <= 1.3.
+Uses the calibration statistics from the deftlab cache when present (else collects 32 examples first).
+Usage: python benchmarks/bench_decompose.py [--calib-n 32] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib-n", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N matrices")
+    args = ap.parse_args()
+
+    from deftlab.decompose.cache import DecompositionCache, decompose_all
+    from deftlab.decompose.pipeline import CompressConfig, calibration_stats
+    from deftlab.decompose.targets import target_linears
+    from deftlab.decompose.whiten import cholesky_factor
+    from deftlab.models import load_model
+    from deftlab.settings import data_dir
+
+    lm = load_model(args.model)
+    cfg = CompressConfig(model=args.model, calib="arith" if data_dir() else "generated", calib_n=args.calib_n,
+                         keep=0.85)
+    stats, _ = calibration_stats(cfg, lm)
+    linears = target_linears(lm.model)
+    names = list(linears)[: args.limit]
+    weights = {n: linears[n].weight.detach().float() for n in names}
+    grams = {n: stats.gram(n) for n in names}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        decompose_all(weights, grams, DecompositionCache("bench", root=Path(tmp)), progress=False)
+        total = time.perf_counter() - t0
+
+    bare = 0.0
+    for n in names:
+        ws = weights[n].double() @ cholesky_factor(grams[n])[0]  # same matrix, outside the timed region
+        t0 = time.perf_counter()
+        torch.linalg.svd(ws, full_matrices=False)
+        bare += time.perf_counter() - t0
+    ratio = total / bare
+    print(f"{len(names)} matrices of {lm.spec.name}, {torch.get_num_threads()} threads")
+    print(f"decomposition total (incl. cache writes) {total:7.2f} s")
+    print(f"bare torch.linalg.svd sum                {bare:7.2f} s")
+    print(f"ratio {ratio:.3f}  (goal <= 1.3: {'PASS' if ratio <= 1.3 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
