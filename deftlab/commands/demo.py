@@ -13,6 +13,7 @@ cached as well), so it prints the same table in seconds. --fresh starts over.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,11 +45,27 @@ def add_parser(sub, name):
                    help="comma list (default AddSub,SingleEq with data, 'generated' without)")
     g.add_argument("--max-new-tokens", type=int, default=96, help="generation limit (default 96)")
     g.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the preset's, 32)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
+    g.add_argument("--threads", default="auto",
+                   help="torch CPU threads; auto (default): 1 when the load average exceeds the core count (OpenMP "
+                        "threads that wait on each other slow down several-fold on a shared machine), else torch's")
     g.add_argument("--run-root", default=None, help="where the two runs are recorded (default results/demo)")
     g.add_argument("--fresh", action="store_true", help="delete the recorded demo runs first")
     return p
+
+
+def _threads(value: str) -> int | None:
+    if value != "auto":
+        try:
+            return max(1, int(value))
+        except ValueError:
+            from deftlab.errors import DeftlabError
+
+            raise DeftlabError(f"--threads {value!r} is not a number", "use e.g. --threads 1, or auto") from None
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        busy = False
+    return 1 if busy else None
 
 
 def _table(rows: list[dict], sets: list[str]) -> str:
@@ -90,8 +107,10 @@ def run(args) -> int:
     from deftlab.models import load_model
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = _threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"threads {torch.get_num_threads()} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     data_dir = settings.data_dir(args.data_dir)
     have_data = bool(data_dir and data_dir.is_dir())
     corpora = ["wikitext2", "arith"] if have_data else ["generated"]

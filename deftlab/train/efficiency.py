@@ -220,6 +220,7 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        cuda_model = torch.cuda.memory_allocated(device)
     rss_model = anon_rss()
     seq = (cfg.context_len or cfg.seq_len) if cfg.mode == "inference" else cfg.seq_len
     vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else 32000
@@ -268,6 +269,7 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str) -> dict:
     if device.type == "cuda":
         out.update(peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20,
                    reserved_mem_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                   model_mem_mb=cuda_model / 2**20,
                    memory_kind="cuda_max_memory_allocated")
     else:
         out.update(peak_mem_mb=(sampler.peak - rss_base) / 2**20, rss_end_mb=current_rss() / 2**20,

@@ -10,6 +10,8 @@ Files in a run directory:
     eval/<set>.predictions.jsonl eval/<set>.metrics.json eval/metrics.json
     eval_zero_shot/...          with zero_shot: the same files before training
     allocation.csv              per-matrix ranks (decomposed methods)
+    perplexity.json             ppl_<corpus> (with ppl), reused on re-runs
+    train_peak_memory.json      the training memory peak, kept across resumed attempts
     record.json record.csv      manifest + results (`deftlab.train.write_run_record`)
     metrics.json                the flat metrics this function returns
 
@@ -41,6 +43,7 @@ METRICS_FILE = "metrics.json"
 EVAL_DIR = "eval"
 ZERO_SHOT_DIR = "eval_zero_shot"
 PEAK_FILE = "train_peak_memory.json"
+PPL_FILE = "perplexity.json"
 
 Method = Literal["dense", "deft", "welore"]
 # method → (allocator, svd, LoRA init) used when the config leaves them unset
@@ -289,6 +292,13 @@ def build_model(cfg: FinetuneConfig, *, loaded=None):
             report["folded_tails"] = fold_tails(model, {n: t for n, t in tails.items() if n not in targets})
             tails = {n: t for n, t in tails.items() if n in targets}
         report.update(compress=creport, allocation=creport["allocation"])
+        if deft_lora and not tails:
+            # no LoRA-targeted matrix was reduced (all kept at full rank): DeFT leaves such a matrix dense and its
+            # LoRA takes the standard init, which is what init "vanilla" does everywhere here
+            import dataclasses
+
+            acfg = dataclasses.replace(acfg, init="vanilla")
+            report["notes"] = ["no LoRA-targeted matrix was reduced; every LoRA starts from the standard init"]
     model = attach(model, acfg, deft_tails=tails or None, allocation=report["allocation"])
     report["params"] = count_params(model)
     return lm, model, report
@@ -397,16 +407,27 @@ def summarize_eval(results: dict[str, dict], prefix: str = "") -> dict:
 
 
 def corpus_perplexities(model, tokenizer, corpora: list[str], *, data_dir, max_tokens: int | None, seqlen: int,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, record: Path | None = None) -> dict:
+    """ppl_<corpus>, ppl_<corpus>_tokens, ppl_<corpus>_prefix; corpora already in `record` (a JSON file) are
+    reused, new ones are added to it."""
     from deftlab.eval.corpora import corpus_text
     from deftlab.eval.perplexity import perplexity, tokenize_corpus
 
     out = {}
+    if record is not None and record.is_file():
+        try:
+            out = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            out = {}
     for corpus in corpora:
+        if f"ppl_{corpus}" in out:
+            continue
         ids = tokenize_corpus(tokenizer, corpus_text(corpus, data_dir))
         r = perplexity(model, ids, seqlen=seqlen, max_tokens=max_tokens, progress=progress, desc=f"ppl {corpus}")
         out.update({f"ppl_{corpus}": r.ppl, f"ppl_{corpus}_tokens": r.tokens, f"ppl_{corpus}_prefix": r.prefix})
-    return out
+        if record is not None:
+            write_json_atomic(record, out)
+    return {k: v for k, v in out.items() if any(k == f"ppl_{c}" or k.startswith(f"ppl_{c}_") for c in corpora)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,13 +497,15 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
                        params_decoder_dense=alloc.params_dense)
     if report["folded_tails"]:
         metrics["tails_folded"] = len(report["folded_tails"])
+    if report.get("notes"):
+        metrics["notes"] = list(report["notes"])
     counts = report["params"]
     metrics.update(params_total=counts["total"], trainable=counts["trainable"],
                    params_trainable=counts["trainable"])
 
     if cfg.ppl and cfg.ppl_stage == "before":
         metrics.update(corpus_perplexities(model, tok, cfg.ppl, data_dir=data_dir, max_tokens=cfg.ppl_max_tokens,
-                                           seqlen=cfg.ppl_seqlen, progress=progress))
+                                           seqlen=cfg.ppl_seqlen, progress=progress, record=run_dir / PPL_FILE))
     if cfg.zero_shot:
         zs = evaluate_resumable(model, tok, task, run_dir / ZERO_SHOT_DIR, eval_sets=cfg.eval_sets, preset=preset,
                                 progress=progress)
@@ -531,7 +554,7 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
     metrics.update(summarize_eval(results))
     if cfg.ppl and cfg.ppl_stage == "after":
         metrics.update(corpus_perplexities(model, tok, cfg.ppl, data_dir=data_dir, max_tokens=cfg.ppl_max_tokens,
-                                           seqlen=cfg.ppl_seqlen, progress=progress))
+                                           seqlen=cfg.ppl_seqlen, progress=progress, record=run_dir / PPL_FILE))
     if cfg.ppl:
         metrics["ppl_stage"] = cfg.ppl_stage
     metrics["wall_time_s"] = time.perf_counter() - t_start
