@@ -98,13 +98,20 @@ def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tenso
     """Decomposition of every weight (whitened with its Gram when `grams` is given), from the cache when valid."""
     from tqdm.auto import tqdm
 
-    from deftlab.decompose.whiten import whitened_svd
+    from deftlab.decompose.whiten import cholesky_factor, whitened_svd
 
     out = {}
+    factors: dict[int, tuple] = {}  # one Cholesky per shared Gram (q/k/v, gate/up read the same input)
     for name in tqdm(list(weights), desc="decompose", disable=not progress, unit="mat"):
         dec = cache.get(name) if cache is not None else None
         if dec is None:
-            dec = whitened_svd(weights[name].detach(), None if grams is None else grams[name])
+            gram = None if grams is None else grams[name]
+            chol = None
+            if gram is not None:
+                if id(gram) not in factors:
+                    factors[id(gram)] = (gram, cholesky_factor(gram))  # keep gram alive so id() stays unique
+                chol = factors[id(gram)][1]
+            dec = whitened_svd(weights[name].detach(), gram, cholesky=chol)
             if dec.jitter:
                 log.info("%s: Gram not positive definite, added jitter %.3g", name, dec.jitter)
             if cache is not None:

@@ -144,11 +144,13 @@ class Decomposition:
                                     "delete the cache entry") from None
 
 
-def whitened_svd(W: Tensor, gram: Tensor | None, *, dtype: torch.dtype = torch.float32) -> Decomposition:
+def whitened_svd(W: Tensor, gram: Tensor | None, *, dtype: torch.dtype = torch.float32,
+                 cholesky: tuple[Tensor, float] | None = None) -> Decomposition:
     """Decompose W (out×in): whitened by chol(gram) (SVD-LLM), or a plain SVD when ``gram`` is None.
 
     The product W·S, the SVD and the triangular solve run in float64; U and VᵀS⁻¹ are stored in ``dtype``
-    (float32 by default; float64 for exactness checks), σ always in float64.
+    (float32 by default; float64 for exactness checks), σ always in float64. ``cholesky``: the result of
+    ``cholesky_factor(gram)`` when the caller already has it (layers sharing one Gram share one factor).
     """
     if W.ndim != 2:
         raise DeftlabError(f"weight has shape {tuple(W.shape)}, expected a matrix (out × in)", "pass Linear.weight")
@@ -161,7 +163,7 @@ def whitened_svd(W: Tensor, gram: Tensor | None, *, dtype: torch.dtype = torch.f
     if tuple(gram.shape) != (W.shape[1], W.shape[1]):
         raise DeftlabError(f"Gram {tuple(gram.shape)} does not match weight {tuple(W.shape)}",
                            "the Gram must be (in × in) of the same layer's inputs")
-    S, jitter = cholesky_factor(gram.to(W64.device))
+    S, jitter = cholesky if cholesky is not None else cholesky_factor(gram.to(W64.device))
     U, s, Vh = torch.linalg.svd(W64 @ S, full_matrices=False)
     svd_counter.increment()
     # rows of Vᵀ S⁻¹: solve X·S = Vᵀ (S lower-triangular) instead of forming S⁻¹
