@@ -25,6 +25,7 @@ the time to process e2e_examples × e2e_epochs sequences of seq_len tokens at th
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -40,6 +41,7 @@ from deftlab.adapters.config import AdapterKind
 from deftlab.config import ConfigError, from_dict, to_dict
 from deftlab.errors import DeftlabError
 from deftlab.manifest import write_json_atomic
+from deftlab.train.pipeline import DecompositionChoice, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ MATH10K_EXAMPLES = 9919  # LLM-Adapters math_10k after deduplication (configs/pr
 
 
 @dataclass
-class EfficiencyConfig:
+class EfficiencyConfig(DecompositionChoice):
     """What to measure. Model-building fields mean what they mean in `FinetuneConfig` (same defaults)."""
 
     model: str = "smollm2-135m"
@@ -60,17 +62,6 @@ class EfficiencyConfig:
     steps: int = 5
     warmup_steps: int = 1
     task: str = "arith"  # only chooses the default calibration data
-    init: Literal["deft", "vanilla"] | None = None
-    keep: float | None = None
-    err: float | None = None
-    eta: float | None = None
-    allocator: Literal["deft", "welore", "owl", "uniform"] | None = None
-    svd: Literal["whitened", "plain"] | None = None
-    group: int | None = None
-    calib: str | None = None
-    calib_n: int | None = None
-    calib_seed: int | None = None
-    calib_max_length: int | None = None
     preset: str = "cpu-small"  # LoRA targets/dropout and the optimizer's lr come from it
     lora_r: int | None = None
     lora_alpha: float | None = None
@@ -106,12 +97,9 @@ class EfficiencyConfig:
 
     def finetune_config(self, adapter: str | None = None):
         """The `FinetuneConfig` whose `build_model` gives the measured model."""
-        from deftlab.train.pipeline import FinetuneConfig
-
-        fields = ("model", "method", "task", "init", "keep", "err", "eta", "allocator", "svd", "group", "calib",
-                  "calib_n", "calib_seed", "calib_max_length", "preset", "lora_r", "lora_alpha", "lr", "seed",
-                  "device", "dtype", "data_dir")
-        kw = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        names = [f.name for f in dataclasses.fields(DecompositionChoice)] + [
+            "model", "method", "task", "preset", "lora_r", "lora_alpha", "lr", "seed", "device", "dtype", "data_dir"]
+        kw = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         kw["adapter"] = adapter or (self.adapter if self.mode == "train" else "none")
         return FinetuneConfig(**kw).resolve()
 

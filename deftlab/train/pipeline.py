@@ -60,7 +60,27 @@ PRESET_OVERRIDES = ("lr", "lora_r", "lora_alpha", "seed", "eval_limit", "train_l
 
 
 @dataclass
-class FinetuneConfig:
+class DecompositionChoice:
+    """How a decomposed method builds its model (None: the method's default, filled by `FinetuneConfig.resolve`).
+
+    Shared by `FinetuneConfig` and `EfficiencyConfig`, so both accept the same run params.
+    """
+
+    init: Literal["deft", "vanilla"] | None = None
+    keep: float | None = None
+    err: float | None = None
+    eta: float | None = None
+    allocator: Literal["deft", "welore", "owl", "uniform"] | None = None
+    svd: Literal["whitened", "plain"] | None = None
+    group: int | None = None
+    calib: str | None = None
+    calib_n: int | None = None
+    calib_seed: int | None = None
+    calib_max_length: int | None = None
+
+
+@dataclass
+class FinetuneConfig(DecompositionChoice):
     """One fine-tuning run. Unset (None) fields take the method's, task's or training preset's value (`resolve`).
 
     method: dense (no decomposition) | deft (whitened SVD + DeFT search, LoRA from the spectrum's tail) | welore
@@ -77,17 +97,6 @@ class FinetuneConfig:
     task: str = "arith"
     method: Method = "deft"
     adapter: AdapterKind = "lora"
-    init: Literal["deft", "vanilla"] | None = None
-    keep: float | None = None
-    err: float | None = None
-    eta: float | None = None
-    allocator: Literal["deft", "welore", "owl", "uniform"] | None = None
-    svd: Literal["whitened", "plain"] | None = None
-    group: int | None = None
-    calib: str | None = None
-    calib_n: int | None = None
-    calib_seed: int | None = None
-    calib_max_length: int | None = None
     preset: str = "cpu-small"
     lr: float | None = None
     lora_r: int | None = None
