@@ -6,6 +6,8 @@ and `deftlab.eval.generate` runs generation and calls `Task.score`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,30 @@ class Task:
                 "max_new_tokens": self.max_new_tokens, "stop_strings": list(self.stop_strings)}
 
 
+class SplitTask(Task):
+    """A task whose data comes in named splits read by `_load(split)` (or an injected `source`), cached per split."""
+
+    def __init__(self, *, train_split: str = "train", eval_sets: tuple[str, ...] | None = None,
+                 max_new_tokens: int | None = None, source: Callable[[str], object] | None = None,
+                 data_dir=None):
+        self.train_split = train_split
+        self.data_dir = data_dir
+        self._source = source or self._load
+        if eval_sets:
+            self.default_eval_sets = tuple(eval_sets)
+        if max_new_tokens:
+            self.max_new_tokens = max_new_tokens
+        self._cache: dict[str, list[dict]] = {}
+
+    def _load(self, split: str):
+        raise NotImplementedError
+
+    def records(self, split: str) -> list[dict]:
+        if split not in self._cache:
+            self._cache[split] = records_of(self._source(split))
+        return self._cache[split]
+
+
 def records_of(obj) -> list[dict]:
     """Loaders return either a list of records or an object with `.records`; accept both."""
     recs = getattr(obj, "records", obj)
@@ -59,4 +85,4 @@ def first_n(items: list, limit: int | None) -> list:
 
 from deftlab.tasks.registry import TASKS, get_task, task_names  # noqa: E402  (after the base classes)
 
-__all__ = ["Example", "Task", "TASKS", "get_task", "task_names", "records_of", "first_n"]
+__all__ = ["Example", "Task", "SplitTask", "TASKS", "get_task", "task_names", "records_of", "first_n"]

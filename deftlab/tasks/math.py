@@ -6,30 +6,16 @@ of its reference solution) with `math_equal`.
 
 from __future__ import annotations
 
-from typing import Callable
-
-from deftlab.tasks import Example, Task, first_n, records_of
+from deftlab.tasks import Example, SplitTask, first_n
 from deftlab.tasks.templates import ALPACA_STOPS, math_prompt, math_response
 
 
-class MathTask(Task):
+class MathTask(SplitTask):
     name = "math"
     metric = "accuracy"
     max_new_tokens = 512  # MATH solutions are long; LLM-Adapters' 256 truncates many of them
     stop_strings = ALPACA_STOPS
     default_eval_sets = ("math500",)
-
-    def __init__(self, *, train_split: str = "train", eval_sets: tuple[str, ...] | None = None,
-                 max_new_tokens: int | None = None, source: Callable[[str], object] | None = None,
-                 data_dir=None):
-        self.train_split = train_split
-        self.data_dir = data_dir
-        self._source = source or self._load
-        if eval_sets:
-            self.default_eval_sets = tuple(eval_sets)
-        if max_new_tokens:
-            self.max_new_tokens = max_new_tokens
-        self._cache: dict[str, list[dict]] = {}
 
     def _load(self, split: str):
         from deftlab.data import load_math, load_math500
@@ -37,11 +23,6 @@ class MathTask(Task):
         if split == "math500":
             return load_math500(data_dir=self.data_dir)
         return load_math(split, data_dir=self.data_dir)
-
-    def records(self, split: str) -> list[dict]:
-        if split not in self._cache:
-            self._cache[split] = records_of(self._source(split))
-        return self._cache[split]
 
     @staticmethod
     def gold_answer(rec: dict) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from deftlab.tasks import Example, Task, first_n, records_of
+from deftlab.tasks import Example, SplitTask, first_n
 from deftlab.tasks.templates import XSUM_STOPS, xsum_prompt, xsum_response
 
 
@@ -20,35 +20,25 @@ def clip_words(text: str, max_words: int | None) -> tuple[str, bool]:
     return " ".join(words[:max_words]), True
 
 
-class XSumTask(Task):
+class XSumTask(SplitTask):
     name = "xsum"
     metric = "rouge"
     max_new_tokens = 64
     stop_strings = XSUM_STOPS
     default_eval_sets = ("test",)
 
+    # options spelled out: get_task validates options against this signature
     def __init__(self, *, train_split: str = "train", eval_sets: tuple[str, ...] | None = None,
                  max_document_words: int | None = 400, max_new_tokens: int | None = None,
                  source: Callable[[str], object] | None = None, data_dir=None):
-        self.train_split = train_split
-        self.data_dir = data_dir
+        super().__init__(train_split=train_split, eval_sets=eval_sets, max_new_tokens=max_new_tokens, source=source,
+                         data_dir=data_dir)
         self.max_document_words = max_document_words
-        self._source = source or self._load
-        if eval_sets:
-            self.default_eval_sets = tuple(eval_sets)
-        if max_new_tokens:
-            self.max_new_tokens = max_new_tokens
-        self._cache: dict[str, list[dict]] = {}
 
     def _load(self, split: str):
         from deftlab.data import load_xsum
 
         return load_xsum(split, data_dir=self.data_dir)
-
-    def records(self, split: str) -> list[dict]:
-        if split not in self._cache:
-            self._cache[split] = records_of(self._source(split))
-        return self._cache[split]
 
     def _example(self, rec: dict) -> Example:
         doc, clipped = clip_words(rec["document"], self.max_document_words)
