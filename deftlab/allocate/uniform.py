@@ -29,6 +29,16 @@ from deftlab.errors import BudgetError
 _ITERS = 200
 
 
+def _boundary(ok, good: float, bad: float) -> tuple[float, float]:
+    """Bisect a monotone predicate with ok(good) true, ok(bad) false; return the final (good, bad) pair."""
+    for _ in range(_ITERS):
+        mid = (good + bad) / 2
+        if mid in (good, bad):
+            break
+        good, bad = (mid, bad) if ok(mid) else (good, mid)
+    return good, bad
+
+
 class RatioRanks:
     """Ranks from per-matrix ratios (rank-reduction p for err, kept-parameter ρ for keep), vectorised."""
 
@@ -71,11 +81,7 @@ def fit_offset(spectra: list[MatrixSpectrum], target: Target, base: np.ndarray) 
                               f"{rr.err(ranks(hi)):.4f}", "lower err")
         if ok(lo):
             hi = lo
-        for _ in range(_ITERS):  # smallest δ with ok(δ)
-            mid = (lo + hi) / 2
-            if mid in (lo, hi):
-                break
-            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        hi, lo = _boundary(ok, hi, lo)  # smallest δ with ok(δ)
         chosen, other = ranks(hi), ranks(lo)
         achieved, step = rr.err(chosen), rr.err(chosen) - rr.err(other)
     else:
@@ -89,11 +95,7 @@ def fit_offset(spectra: list[MatrixSpectrum], target: Target, base: np.ndarray) 
             raise budget_error(target.keep, rr.keep(ranks(lo)), "every matrix at rank 1")
         if ok(hi):
             lo = hi
-        for _ in range(_ITERS):  # largest δ with ok(δ)
-            mid = (lo + hi) / 2
-            if mid in (lo, hi):
-                break
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        lo, hi = _boundary(ok, lo, hi)  # largest δ with ok(δ)
         chosen, other = ranks(lo), ranks(hi)
         achieved, step = rr.keep(chosen), rr.keep(other) - rr.keep(chosen)
     d = hi if target.kind == "err" else lo
