@@ -95,26 +95,35 @@ class DecompositionCache:
 
 def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor] | None,
                   cache: DecompositionCache | None, *, progress: bool = True) -> dict[str, Decomposition]:
-    """Decomposition of every weight (whitened with its Gram when `grams` is given), from the cache when valid."""
+    """Decomposition of every weight (whitened with its Gram when `grams` is given), from the cache when valid.
+
+    Cache writes (safetensors + sha256 + index) run on one background thread, overlapping the next SVD; all of
+    them have finished (or raised) when this returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from deftlab.decompose.whiten import cholesky_factor, whitened_svd
 
     out = {}
     factors: dict[int, tuple] = {}  # one Cholesky per shared Gram (q/k/v, gate/up read the same input)
-    for name in tqdm(list(weights), desc="decompose", disable=not progress, unit="mat"):
-        dec = cache.get(name) if cache is not None else None
-        if dec is None:
-            gram = None if grams is None else grams[name]
-            chol = None
-            if gram is not None:
-                if id(gram) not in factors:
-                    factors[id(gram)] = (gram, cholesky_factor(gram))  # keep gram alive so id() stays unique
-                chol = factors[id(gram)][1]
-            dec = whitened_svd(weights[name].detach(), gram, cholesky=chol)
-            if dec.jitter:
-                log.info("%s: Gram not positive definite, added jitter %.3g", name, dec.jitter)
-            if cache is not None:
-                cache.put(name, dec)
-        out[name] = dec
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decomposition-cache") as writer:
+        writes = []
+        for name in tqdm(list(weights), desc="decompose", disable=not progress, unit="mat"):
+            dec = cache.get(name) if cache is not None else None
+            if dec is None:
+                gram = None if grams is None else grams[name]
+                chol = None
+                if gram is not None:
+                    if id(gram) not in factors:
+                        factors[id(gram)] = (gram, cholesky_factor(gram))  # keep gram alive: id() stays unique
+                    chol = factors[id(gram)][1]
+                dec = whitened_svd(weights[name].detach(), gram, cholesky=chol)
+                if dec.jitter:
+                    log.info("%s: Gram not positive definite, added jitter %.3g", name, dec.jitter)
+                if cache is not None:
+                    writes.append(writer.submit(cache.put, name, dec))
+            out[name] = dec
+        for w in writes:
+            w.result()  # re-raise a failed write here
     return out

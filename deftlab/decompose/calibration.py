@@ -1,7 +1,7 @@
 """One calibration pass collecting, for every target linear, the input Gram XᵀX and the output outlier ratio α.
 
-- Gram: accumulated in float64 across batches; each batch's XᵀX is one fp32 matmul (exact enough for a few
-  thousand tokens, and ~2x cheaper than fp64 on CPU). Linears that read the same input tensor (q/k/v, gate/up)
+- Gram: accumulated in float64 across batches; each batch's XᵀX is computed in fp32 (exact enough for a few
+  thousand tokens, and ~2x cheaper than fp64 on CPU), block upper triangle only (deftlab.decompose.gram). Linears that read the same input tensor (q/k/v, gate/up)
   share one Gram, found at run time: consecutive calls on the very same input tensor object (HF LLaMA, Mistral,
   Qwen call q/k/v and gate/up back to back on one tensor), so no module names are assumed.
 - Padding tokens are excluded (the batch's attention mask is applied inside the hooks).
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from deftlab.decompose import gram as gram_ops
 from deftlab.decompose.targets import DEFAULT_TARGETS, target_linears
 from deftlab.errors import CacheCorruptError, DeftlabError
 
@@ -73,8 +74,9 @@ class _Collector:
     def __init__(self, names: list[str], threshold: float):
         self.names = names
         self.threshold = threshold
-        self.mask: torch.Tensor | None = None  # (B, L) bool, set per batch
-        self.grams: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # (B, L) bool, set per batch; None when nothing is padding
+        self.grams: dict[str, torch.Tensor] = {}  # block upper triangles until finalize()
+        self.bounds: dict[str, list[int]] = {}
         self.gram_of: dict[str, str] = {}
         self.last_input: torch.Tensor | None = None  # the previous hook's input (one reference only)
         self.last_key: str | None = None
@@ -92,12 +94,12 @@ class _Collector:
                 key = self.last_key  # a sibling reading the same tensor: reuse its Gram
             else:
                 key = self.gram_of.get(name, name)
-                xv = self._valid(x.detach()).float()
-                g = (xv.T @ xv).double()
-                if key in self.grams:
-                    self.grams[key] += g
-                else:
-                    self.grams[key] = g
+                xv = self._valid(x.detach())
+                if key not in self.grams:
+                    d = xv.shape[-1]
+                    self.bounds[key] = gram_ops.block_bounds(d)
+                    self.grams[key] = torch.zeros(d, d, dtype=torch.float64, device=xv.device)
+                gram_ops.add_upper_gram(self.grams[key], xv, self.bounds[key])
                 self.last_input, self.last_key = x, key
             self.gram_of.setdefault(name, key)
             if self.gram_of[name] != key:
@@ -106,10 +108,21 @@ class _Collector:
 
     def post_hook(self, name):
         def hook(module, args, out):
-            a = self._valid(out.detach()).abs()
-            self.outliers[name] += int((a > self.threshold * a.mean()).sum())
-            self.entries[name] += a.numel()
+            a = out.detach().abs().reshape(-1, out.shape[-1])  # a fresh copy, so the in-place ops below are safe
+            n = a.shape[0]
+            if self.mask is not None:  # zero the padding rows instead of gathering: they count as no outliers
+                rows = self.mask.reshape(-1)
+                a.mul_(rows[:, None])
+                n = int(rows.sum())
+            entries = n * a.shape[1]
+            mean = float(a.sum(dtype=torch.float64)) / max(entries, 1)
+            self.outliers[name] += int(torch.count_nonzero(a.gt_(self.threshold * mean)))
+            self.entries[name] += entries
         return hook
+
+    def finalize(self) -> None:
+        for key, acc in self.grams.items():
+            gram_ops.finalize(acc, self.bounds[key])
 
 
 @torch.inference_mode()
@@ -133,7 +146,7 @@ def collect_statistics(model: torch.nn.Module, batches, *, targets=DEFAULT_TARGE
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
-            col.mask, col.last_input = mask, None
+            col.mask, col.last_input = (None if bool(mask.all()) else mask), None
             model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
             tokens += int(mask.sum())
     finally:
@@ -143,6 +156,7 @@ def collect_statistics(model: torch.nn.Module, batches, *, targets=DEFAULT_TARGE
         model.train(was_training)
     if tokens == 0:
         raise DeftlabError("calibration saw no tokens", "check the calibration data")
+    col.finalize()
     alpha = {n: col.outliers[n] / max(col.entries[n], 1) for n in linears}
     for key, g in col.grams.items():
         if not torch.isfinite(g).all():

@@ -53,14 +53,15 @@ def test_siblings_share_one_gram(setup):
 
 def test_outlier_ratio_matches_definition(setup):
     model, batches = setup
-    st = collect_statistics(model, batches[:1], threshold=2.0, progress=False)
+    padded = next(b for b in batches if (b["attention_mask"] == 0).any())  # padding must not count
+    st = collect_statistics(model, [padded], threshold=2.0, progress=False)
     outs = []
     mod = model.get_submodule("model.layers.0.mlp.down_proj")
     h = mod.register_forward_hook(lambda m, a, o: outs.append(o.detach()))
     with torch.no_grad():
-        model(**batches[0])
+        model(**padded)
     h.remove()
-    a = outs[0].reshape(-1, outs[0].shape[-1])[batches[0]["attention_mask"].reshape(-1).bool()].abs()
+    a = outs[0].reshape(-1, outs[0].shape[-1])[padded["attention_mask"].reshape(-1).bool()].abs()
     expected = (a > 2.0 * a.mean()).float().mean().item()
     assert expected > 0
     assert st.alpha["model.layers.0.mlp.down_proj"] == pytest.approx(expected, rel=1e-6)
