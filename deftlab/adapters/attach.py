@@ -5,14 +5,14 @@
 | none  | nothing                                    | as given                                            |
 | lora  | LoRA A/B (PEFT)                            | as given (dense and/or LowRankLinear factors)       |
 | qlora | LoRA A/B (PEFT)                            | NF4: dense linears and LowRankLinear factors         |
-| loftq | LoRA A/B, PEFT LoftQ init                  | NF4 dense linears; decomposed layers unsupported    |
+| loftq | LoRA A/B, LoftQ init (PEFT's on CUDA)      | NF4: dense linears and LowRankLinear factors         |
 | full  | every parameter (factors included)         | as given (must not be 4-bit)                        |
 | lrc   | u_proj/v_proj of LRC matrices (WeLore)     | as given; N-LRC, embeddings, norms, head frozen     |
 
 LoRA targets are resolved to exact module names and passed to PEFT as one anchored regex: a factor child
 `self_attn.q_proj.v_proj` ends in `.v_proj`, so PEFT's suffix matching would otherwise adapt it.
-LoftQ on factored layers is not supported (a clear error): PEFT's LoftQ needs a dense weight, and DeFT's tail init
-already plays LoftQ's role of a weight-aware LoRA init; use qlora with init "deft" on decomposed models.
+LoftQ: PEFT's init where PEFT can run it (dense model, CUDA/XPU); otherwise deftlab.adapters.loftq (the same
+algorithm on any device, and LoftQ + DeFT on factored layers, with DeFT's tails folded into the LoRA's target).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def attach(
         raise DeftlabError(f"attach needs an AdapterConfig, got {type(cfg).__name__}", "use AdapterConfig.from_dict")
     cfg.validate()
     tails = dict(deft_tails or {})
-    if tails and not (cfg.uses_lora and cfg.init == "deft" and cfg.kind != "loftq"):
+    if tails and not (cfg.uses_lora and cfg.init == "deft"):
         raise DeftlabError(
             f"deft_tails given for kind '{cfg.kind}' with init '{cfg.init}': the tail components would be lost",
             "use kind lora/qlora with init 'deft', or rebuild the model with lora_rank=0 / init='vanilla'",
@@ -110,6 +110,8 @@ def attach(
     if cfg.kind == "lrc":
         return _attach_lrc(model, cfg, allocation)
     if cfg.kind == "loftq":
+        if _has_lowrank(model) or not _loftq_device_available():
+            return _attach_loftq_deftlab(model, cfg, tails)
         return _attach_loftq(model, cfg)
 
     if cfg.init == "deft" and not tails and _has_lowrank(model):
@@ -183,16 +185,45 @@ def _loftq_device_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _attach_loftq_deftlab(model: nn.Module, cfg: AdapterConfig, tails: Mapping[str, LoraTail]) -> nn.Module:
+    """LoftQ init from deftlab.adapters.loftq: targets get NF4 bases (dense or factored) and LoRA fits of their
+    quantisation residual (plus DeFT's tail); every other linear is quantised as in QLoRA."""
+    from peft import get_peft_model
+
+    from deftlab.adapters.loftq import loftq_dense, loftq_factored
+
+    check_4bit_support(next(model.parameters()).device)
+    targets = lora_target_names(model, cfg.target_modules)
+    missing = sorted(set(tails) - set(targets))
+    if missing:
+        raise DeftlabError(f"DeFT tails for modules the adapter does not target: {missing[:3]}",
+                           "add them to target_modules (their frozen part lacks the tail components)")
+    inits: dict[str, LoraTail] = {}
+    with torch.no_grad():
+        for name in targets:
+            module, tail = model.get_submodule(name), tails.get(name)
+            if isinstance(module, LowRankLinear):
+                Qu, Qv, B, A = loftq_factored(module.u_proj.weight, module.v_proj.weight, cfg.r,
+                                              tail=(tail.B, tail.A) if tail else None, scaling=cfg.scaling)
+                module.u_proj.weight.copy_(Qu)
+                module.v_proj.weight.copy_(Qv)
+            else:
+                # a matrix DeFT kept dense still hands its tail to the LoRA: the target is weight + s·B·A
+                target = module.weight if tail is None else module.weight + cfg.scaling * (tail.B @ tail.A)
+                Q, B, A = loftq_dense(target, cfg.r, scaling=cfg.scaling, iters=cfg.loftq_iter)
+                module.weight.copy_(Q)
+            inits[name] = LoraTail(B=B, A=A, scaling=cfg.scaling)
+    # fp32 absmax (no double quantisation): re-quantising the NF4 values LoftQ chose stores exactly them
+    quantize_for_qlora(model, skip=DEFAULT_SKIP, compress_statistics=False)
+    peft_model = get_peft_model(model, _lora_config(model, cfg, targets))
+    copy_tails(peft_model, inits)
+    return peft_model
+
+
 def _attach_loftq(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """PEFT's LoftQ init (dense model, CUDA/XPU)."""
     from peft import LoftQConfig, get_peft_model
 
-    if _has_lowrank(model):
-        raise DeftlabError(
-            "LoftQ is not supported on decomposed (LowRankLinear) layers",
-            "use kind 'qlora' with init 'deft' on decomposed models, or loftq on a dense model",
-        )
-    if not _loftq_device_available():
-        raise DeftlabError("PEFT's LoftQ init computes on CUDA/XPU and none is available", "run on a GPU or use 'qlora'")
     check_4bit_support("cuda" if torch.cuda.is_available() else "cpu")
     targets = lora_target_names(model, cfg.target_modules)
     lora_config = _lora_config(

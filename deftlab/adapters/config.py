@@ -14,7 +14,7 @@ LORA_KINDS = ("lora", "qlora", "loftq")
 
 @dataclass
 class AdapterConfig:
-    """kind: none (frozen) | lora | qlora (NF4 base + LoRA) | loftq (PEFT LoftQ init, dense layers only)
+    """kind: none (frozen) | lora | qlora (NF4 base + LoRA) | loftq (LoftQ init; PEFT's on CUDA)
     | full (everything trainable) | lrc (WeLore: only the factors of low-rank components train).
 
     r, alpha: LoRA rank and alpha; scaling s = alpha / r (PEFT, no rslora). dropout: LoRA dropout.

@@ -4,7 +4,13 @@ QLoRA recipe (Dettmers et al.): NF4, blocksize 64, double-quantised absmax, comp
 compute in fp32. For decomposed models the factors W_u, W_v (the `u_proj`/`v_proj` children) are quantised, not a
 dense product — "decompose in full precision, then quantise" as PiSSA/LoftQ recommend.
 
-bitsandbytes 0.50 quantises and runs 4-bit matmuls on CPU. One CPU quirk is switched off on every module we build:
+bitsandbytes 0.50 quantises and runs 4-bit matmuls on CPU, with two CPU defects handled here:
+- its native CPU dequantise kernel indexes the absmax per row, so when a row's length is not a multiple of the
+  blocksize (NF4 blocks run over the flattened tensor) many values come back scaled by a neighbouring block's
+  absmax (found here: a 576×480 factor, or any width ≡ 16/32/48 mod 64, dequantises with max errors of ~50 % of
+  the largest weight). Those shapes are routed to bitsandbytes' own pure-torch dequantise, which is exact; the
+  fix is installed only where a probe shows the defect (`_repair_cpu_dequantize`).
+- one quirk is switched off on every module we build:
 in eval/no-grad mode on AVX512-BF16 CPUs, `Linear4bit.forward` repacks the weight for a CPU kernel; that path
 asserts out_features % 32 == 0 (factor ranks rarely are) and, once repacked, input gradients stop flowing in later
 training steps (both verified with bnb 0.50.2). We set `support_avx512bf16_for_cpu = False`, so train and eval
@@ -29,11 +35,52 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _dequantize_error(device_type: str, shape: tuple[int, int]) -> float:
+    import bitsandbytes.functional as bnbF
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device_type)
+    q, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    return float((bnbF.dequantize_4bit(q, state) - w).abs().max() / w.abs().max())
+
+
+@lru_cache(maxsize=None)
+def _repair_cpu_dequantize() -> bool:
+    """Route bitsandbytes' CPU NF4 dequantise of rows that are not whole blocks to its pure-torch path, if the
+    native kernel gets them wrong (see the module docstring). Returns whether the repair was installed."""
+    import warnings
+
+    # NF4's largest rounding error is ~0.16 of the block absmax; the defect gives ~0.5
+    if _dequantize_error("cpu", (64, 96)) < 0.25:
+        return False
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    native = torch.library.get_kernel("bitsandbytes::dequantize_4bit", "CPU")
+    keys = torch._C.DispatchKeySet("CPU")
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        if shape[-1] % blocksize == 0:
+            return native.call_boxed(keys, A, absmax, blocksize, quant_type, shape, dtype)
+        A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        return _dequantize_4bit_compute(A.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device),
+                                        blocksize, shape, dtype)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "overriding a previously registered kernel": intended
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu")(dequantize_4bit)
+    return True
+
+
 @lru_cache(maxsize=None)
 def _probe(device_type: str) -> str | None:
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbF
+
+        if device_type == "cpu":
+            _repair_cpu_dequantize()
+            if _dequantize_error("cpu", (64, 96)) > 0.25:
+                return "NF4 dequantisation is wrong for rows that are not whole blocks"
 
         w = torch.randn(32, 64, device=device_type)
         q, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")

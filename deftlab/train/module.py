@@ -61,15 +61,23 @@ def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
 
 
+# GaLore (Zhao et al. 2024) projection settings: the galore-torch README's LLaMA pre-training defaults
+GALORE = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+OPTIMIZERS = ("adamw", "galore")
+
+
 class DeftLightningModule(pl.LightningModule):
-    """Causal-LM loss on the masked labels; AdamW over the requires_grad parameters only."""
+    """Causal-LM loss on the masked labels; AdamW (or GaLore's AdamW) over the requires_grad parameters only."""
 
     def __init__(self, model: torch.nn.Module, *, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, schedule: str = "linear",
-                 min_lr_ratio: float = 0.0, total_steps: int | None = None):
+                 min_lr_ratio: float = 0.0, total_steps: int | None = None, optimizer: str = "adamw"):
         super().__init__()
         if schedule not in SCHEDULES:
             raise DeftlabError(f"unknown lr schedule '{schedule}'", f"use one of {', '.join(SCHEDULES)}")
+        if optimizer not in OPTIMIZERS:
+            raise DeftlabError(f"unknown optimizer '{optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+        self.optimizer_name = optimizer
         self.model = model
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
@@ -87,12 +95,33 @@ class DeftLightningModule(pl.LightningModule):
         if not params:
             raise DeftlabError("the model has no trainable parameters",
                                "attach an adapter (deftlab.adapters.attach) or unfreeze some weights")
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        if self.optimizer_name == "galore":
+            opt = self._galore(params)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                    weight_decay=self.weight_decay)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
             s, warmup_steps=self.warmup_steps, total_steps=total, schedule=self.schedule,
             min_lr_ratio=self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _galore(self, params: list[torch.nn.Parameter]):
+        """GaLoreAdamW: gradients of the decoder blocks' weight matrices are projected to GALORE["rank"]; every
+        other trainable parameter (embeddings, norms, head) takes plain AdamW steps, as in GaLore's scripts."""
+        try:
+            from galore_torch import GaLoreAdamW
+        except ImportError as e:
+            raise DeftlabError(f"optimizer 'galore' needs the galore-torch package ({e})",
+                               "pip install 'deftlab[galore]' (or galore-torch)") from None
+        matrices = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim == 2 and ".layers." in n]
+        ids = {id(p) for p in matrices}
+        rest = [p for p in params if id(p) not in ids]
+        if not matrices:
+            raise DeftlabError("optimizer 'galore' found no trainable weight matrix in the decoder blocks",
+                               "use adapter 'full' (GaLore trains full weights) or optimizer 'adamw'")
+        groups = ([{"params": rest}] if rest else []) + [{"params": matrices, **GALORE}]
+        return GaLoreAdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
     # --- training ----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -116,12 +116,15 @@ class FinetuneConfig(DecompositionChoice):
     ppl_max_tokens: int | None = 8192
     ppl_seqlen: int = 2048
     ppl_stage: Literal["before", "after"] | None = None
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "galore"] = "adamw"  # galore: WeLore Table 4's baseline (full weights, projected)
     data_dir: str | None = None
     device: str = "auto"  # auto: cuda when available, else cpu (training and evaluation run there)
     dtype: str | None = None
 
     def validate(self) -> None:
+        if self.optimizer == "galore" and self.adapter != "full":
+            raise ConfigError(f"optimizer 'galore' with adapter '{self.adapter}': GaLore projects the gradients of "
+                              "full weight matrices", "use --adapter full with galore, or optimizer adamw")
         if self.method == "dense":
             if self.keep not in (None, 1.0) or self.err not in (None, 0.0):
                 raise ConfigError(f"method 'dense' keeps every parameter (got keep={self.keep}, err={self.err})",
@@ -291,7 +294,7 @@ def build_model(cfg: FinetuneConfig, *, loaded=None):
     if cfg.method != "dense":
         from deftlab.decompose.pipeline import compress_model
 
-        deft_lora = acfg.kind in ("lora", "qlora") and acfg.init == "deft"
+        deft_lora = acfg.uses_lora and acfg.init == "deft"
         model, creport = compress_model(cfg.compress_config(), loaded=lm, data_dir=settings.data_dir(cfg.data_dir),
                                         lora_rank=acfg.r if deft_lora else 0, lora_alpha=acfg.alpha,
                                         init="deft" if deft_lora else "vanilla")
@@ -532,7 +535,7 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
         release_free_memory()
         with RssSampler(interval=0.01) as rss:
             train_stats = fit(model, tok, task, preset, run_dir, loggers="auto", wandb_mode=wandb_mode,
-                              progress=progress, accelerator="gpu" if on_gpu else "cpu")
+                              progress=progress, accelerator="gpu" if on_gpu else "cpu", optimizer=cfg.optimizer)
         model.to(cfg.device)  # Lightning hands the model back on the CPU
         peak, peak_kind = ((train_stats["peak_memory_bytes"], train_stats["peak_memory_kind"]) if on_gpu
                            else (rss.peak, "process_rss_during_training"))

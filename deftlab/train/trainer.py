@@ -147,8 +147,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fit(model: torch.nn.Module, tokenizer, task, preset: TrainPreset, run_dir: str | os.PathLike, *,
         datamodule: TaskDataModule | None = None, loggers: list | bool | str = "auto",
         wandb_mode: str | None = None, callbacks: list | None = None, resume: bool = True, progress: bool = True,
-        accelerator: str = "auto") -> dict:
+        accelerator: str = "auto", optimizer: str = "adamw") -> dict:
     """Fine-tune `model`'s trainable parameters on `task` with `preset`; return training statistics.
+
+    optimizer: "adamw", or "galore" (GaLoreAdamW from galore-torch; deftlab.train.module.GALORE).
 
     Writes <run_dir>/checkpoints/, <run_dir>/trainable.safetensors (final trainable tensors, names as in
     `model.named_parameters()`) and <run_dir>/train_stats.json. The model is trained in place and returned to
@@ -167,7 +169,7 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainPreset, run_dir: s
                                       seed=preset.seed)
     module = DeftLightningModule(model, lr=preset.lr, betas=tuple(preset.betas), weight_decay=preset.weight_decay,
                                  warmup_steps=preset.warmup_steps, schedule=preset.schedule,
-                                 min_lr_ratio=preset.min_lr_ratio)
+                                 min_lr_ratio=preset.min_lr_ratio, optimizer=optimizer)
     trainer = build_trainer(preset, run_dir, loggers=loggers, callbacks=callbacks, progress=progress,
                             accelerator=accelerator)
     ckpt_path = last_checkpoint(run_dir) if resume else None

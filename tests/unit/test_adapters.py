@@ -302,13 +302,36 @@ def test_qlora_quantises_base_and_factors_trains_and_merges():
     torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
 
 
-def test_loftq_errors_without_gpu_and_on_decomposed_layers(monkeypatch):
-    model, _, _, _ = decomposed("vanilla", lora_rank=0)
-    with pytest.raises(DeftlabError, match="not supported on decomposed"):
-        attach(model, AdapterConfig(kind="loftq", r=R, alpha=ALPHA, init="vanilla"))
+def test_loftq_on_cpu_and_on_decomposed_layers_uses_deftlab_init(monkeypatch):
+    """Without CUDA (PEFT's LoftQ needs it) and on factored layers, deftlab's LoftQ init runs: NF4 bases, a LoRA
+    that fits the quantisation residual plus DeFT's tail, so step 0 is closer to the rank-θ model than QLoRA's."""
+    import bitsandbytes as bnb
+
     monkeypatch.setattr(attach_mod, "_loftq_device_available", lambda: False)
-    with pytest.raises(DeftlabError, match="CUDA/XPU"):
-        attach(tiny_llama(), AdapterConfig(kind="loftq", r=R, alpha=ALPHA, init="vanilla"))
+    model, tails, _, ref = decomposed("deft")
+    qmodel, qtails, _, _ = decomposed("deft")
+    pm = attach(model, AdapterConfig(kind="loftq", r=R, alpha=ALPHA, dropout=0.0), deft_tails=tails)
+    pq = attach(qmodel, AdapterConfig(kind="qlora", r=R, alpha=ALPHA, dropout=0.0), deft_tails=qtails)
+    q = pm.get_base_model().get_submodule(L0 + "self_attn.q_proj")
+    assert isinstance(q, LowRankLoraLinear) and isinstance(q.get_base_layer().u_proj, bnb.nn.Linear4bit)
+    dense = pm.get_base_model().get_submodule(L1 + "self_attn.k_proj")
+    assert isinstance(dense.get_base_layer(), bnb.nn.Linear4bit)
+    err_loftq = ((logits(pm) - logits(ref)).norm() / logits(ref).norm()).item()
+    err_qlora = ((logits(pq) - logits(ref)).norm() / logits(ref).norm()).item()
+    assert err_loftq < 0.9 * err_qlora, (err_loftq, err_qlora)
+    before = snapshot(pm)
+    train_step(pm)
+    changed = {k for k, v in snapshot(pm).items() if not torch.equal(before[k], v)}
+    assert changed and all("lora_" in k for k in changed)
+
+    dense_model = tiny_llama()
+    W = dense_model.get_submodule(L0 + "mlp.gate_proj").weight.detach().clone()
+    pd = attach(dense_model, AdapterConfig(kind="loftq", r=R, alpha=ALPHA, init="vanilla", dropout=0.0))
+    layer = pd.get_base_model().get_submodule(L0 + "mlp.gate_proj")
+    x = torch.randn(5, W.shape[1], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact, y, y_base = x @ W.T, layer(x), layer.get_base_layer()(x)
+    assert (y - exact).norm() < 0.95 * (y_base - exact).norm()
 
 
 def _cpu_loftq_init(weight, num_bits, reduced_rank, num_iter=1):

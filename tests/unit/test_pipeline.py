@@ -70,7 +70,8 @@ def test_config_resolves_method_task_and_preset_defaults():
     (dict(method="deft", err=0.3), "parameter budget"),
     (dict(method="welore", keep=0.5, err=0.5), "exactly one of keep"),
     (dict(method="dense", adapter="lrc"), "low-rank components"),
-    (dict(method="dense", optimizer="galore"), "not one of"),
+    (dict(method="dense", optimizer="galore"), "GaLore projects the gradients of full weight"),
+    (dict(method="dense", optimizer="sgd"), "not one of"),
     (dict(method="dense", adapter="series"), "not one of"),
     (dict(method="dense", lora_alpha=7.5), "whole number"),
 ])

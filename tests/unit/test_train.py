@@ -82,6 +82,27 @@ def test_smoke_finetune_lowers_loss(task, tmp_path):
     assert json.loads((tmp_path / "train_stats.json").read_text())["global_step"] == 6
 
 
+def test_galore_optimizer_projects_decoder_matrices_and_lowers_loss(task, tmp_path):
+    galore_torch = pytest.importorskip("galore_torch")
+    from deftlab.train.module import GALORE
+
+    model = _model(trainable=("",))
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, module):
+            groups = trainer.optimizers[0].param_groups
+            seen["galore_adamw"] = isinstance(trainer.optimizers[0], galore_torch.GaLoreAdamW)
+            seen["galore"] = [g for g in groups if "rank" in g]
+
+    stats = fit(model, TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False, progress=False,
+                callbacks=[Spy()], optimizer="galore")
+    assert seen["galore_adamw"]
+    (g,) = seen["galore"]
+    assert g["rank"] == GALORE["rank"] and len(g["params"]) == 7 * len(model.model.layers)  # q k v o gate up down
+    assert stats["final_loss"] < stats["initial_loss"] - 0.3
+
+
 def test_frozen_weights_stay_frozen(task, tmp_path):
     model = _model()
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
