@@ -1,6 +1,9 @@
-"""Fine-tuning methods on dense or decomposed models: LoRA/QLoRA/LoftQ via PEFT, full, WeLore LRC."""
+"""Fine-tuning methods on dense or decomposed models: LoRA/QLoRA/LoftQ via PEFT, full, WeLore LRC, and
+LLM-Adapters' series/parallel bottleneck adapters."""
 
 from deftlab.adapters.attach import attach, copy_tails, load_adapter, lora_target_names, merge_for_eval
+from deftlab.adapters.bottleneck import BottleneckAdapter, attach_bottleneck
 from deftlab.adapters.config import AdapterConfig
 
-__all__ = ["AdapterConfig", "attach", "copy_tails", "load_adapter", "lora_target_names", "merge_for_eval"]
+__all__ = ["AdapterConfig", "BottleneckAdapter", "attach", "attach_bottleneck", "copy_tails", "load_adapter",
+           "lora_target_names", "merge_for_eval"]

@@ -1,13 +1,15 @@
 """Attach a fine-tuning method to a dense or decomposed model, and merge it back for evaluation.
 
-| kind  | trainable                                  | base storage                                        |
-|-------|--------------------------------------------|-----------------------------------------------------|
-| none  | nothing                                    | as given                                            |
-| lora  | LoRA A/B (PEFT)                            | as given (dense and/or LowRankLinear factors)       |
-| qlora | LoRA A/B (PEFT)                            | NF4: dense linears and LowRankLinear factors         |
-| loftq | LoRA A/B, LoftQ init (PEFT's on CUDA)      | NF4: dense linears and LowRankLinear factors         |
-| full  | every parameter (factors included)         | as given (must not be 4-bit)                        |
-| lrc   | u_proj/v_proj of LRC matrices (WeLore)     | as given; N-LRC, embeddings, norms, head frozen     |
+| kind     | trainable                                  | base storage                                        |
+|----------|--------------------------------------------|-----------------------------------------------------|
+| none     | nothing                                    | as given                                            |
+| lora     | LoRA A/B (PEFT)                            | as given (dense and/or LowRankLinear factors)       |
+| qlora    | LoRA A/B (PEFT)                            | NF4: dense linears and LowRankLinear factors         |
+| loftq    | LoRA A/B, LoftQ init (PEFT's on CUDA)      | NF4: dense linears and LowRankLinear factors         |
+| full     | every parameter (factors included)         | as given (must not be 4-bit)                        |
+| lrc      | u_proj/v_proj of LRC matrices (WeLore)     | as given; N-LRC, embeddings, norms, head frozen     |
+| series   | W_down/W_up of adapters after the MLPs     | as given (dense, factored or reduced)               |
+| parallel | W_down/W_up of adapters beside the MLPs    | as given (dense, factored or reduced)               |
 
 LoRA targets are resolved to exact module names and passed to PEFT as one anchored regex: a factor child
 `self_attn.q_proj.v_proj` ends in `.v_proj`, so PEFT's suffix matching would otherwise adapt it.
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deftlab.adapters.bottleneck import attach_bottleneck
 from deftlab.adapters.config import AdapterConfig
 from deftlab.errors import DeftlabError
 from deftlab.surgery.lowrank import LowRankLinear, linear_weight
@@ -83,7 +86,8 @@ def attach(
     deft_tails: Mapping[str, LoraTail] | None = None,
     allocation: AllocationLike | None = None,
 ) -> nn.Module:
-    """Set up `model` for fine-tuning with `cfg`; returns a `peft.PeftModel` for LoRA kinds, else `model`.
+    """Set up `model` for fine-tuning with `cfg`; returns a `peft.PeftModel` for LoRA kinds, else `model`
+    (series/parallel: modified in place, each target wrapped in a `BottleneckAdapter`).
 
     deft_tails: from `build_decomposed_model(..., init="deft", lora_rank=cfg.r, lora_alpha=cfg.alpha)`; copied
     into lora_A/lora_B so that at step 0 the model computes exactly its rank-θ reconstruction.
@@ -109,6 +113,8 @@ def attach(
         return model
     if cfg.kind == "lrc":
         return _attach_lrc(model, cfg, allocation)
+    if cfg.uses_bottleneck:
+        return attach_bottleneck(model, cfg)
     if cfg.kind == "loftq":
         if _has_lowrank(model) or not _loftq_device_available():
             return _attach_loftq_deftlab(model, cfg, tails)

@@ -24,7 +24,9 @@ def add_parser(sub, name):
     p.set_defaults(device="auto")
     p.add_argument("--task", default="arith", help="arith | generated | xsum | math | text (default arith)")
     p.add_argument("--method", default="deft", choices=["dense", "deft", "welore"])
-    p.add_argument("--adapter", default="lora", choices=["none", "lora", "qlora", "loftq", "full", "lrc"])
+    p.add_argument("--adapter", default="lora",
+                   choices=["none", "lora", "qlora", "loftq", "full", "lrc", "series", "parallel"],
+                   help="series/parallel: LLM-Adapters' bottleneck adapters on each MLP (default lora)")
     p.add_argument("--init", default=None, choices=["deft", "vanilla"],
                    help="LoRA init on a decomposed model (default: deft for --method deft, else vanilla)")
     p.add_argument("--keep", type=float, default=None, help="fraction of decoder-linear parameters preserved")
@@ -41,6 +43,12 @@ def add_parser(sub, name):
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--bottleneck-size", type=int, default=None, help="series/parallel adapter width (default 256)")
+    p.add_argument("--adapter-scaling", type=float, default=None, help="series/parallel output scale (default 1)")
+    p.add_argument("--non-linearity", default=None, choices=["tanh", "relu", "gelu", "silu"],
+                   help="series/parallel activation (default tanh, as LLM-Adapters)")
+    p.add_argument("--bottleneck-targets", type=_csv, default=None,
+                   help="modules the series/parallel adapters wrap (default mlp)")
     p.add_argument("--eval-sets", type=_csv, default=None, help="comma list (default: the preset's / task's)")
     p.add_argument("--eval-limit", type=int, default=None, help="first N problems of each test set")
     p.add_argument("--train-limit", type=int, default=None, help="training examples used")
@@ -70,6 +78,8 @@ def params_from_args(args) -> dict:
         "max_steps": args.max_steps, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
         "zero_shot": args.zero_shot or None, "ppl": args.ppl or None, "ppl_max_tokens": args.ppl_max_tokens,
         "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype,
+        "bottleneck_size": args.bottleneck_size, "adapter_scaling": args.adapter_scaling,
+        "non_linearity": args.non_linearity, "bottleneck_targets": args.bottleneck_targets,
     }
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -83,6 +93,9 @@ def default_run_name(cfg) -> str:
     parts.append(cfg.adapter)
     if cfg.adapter in ("lora", "qlora", "loftq"):
         parts += [f"r{cfg.lora_r}", cfg.init] if cfg.method != "dense" else [f"r{cfg.lora_r}"]
+    elif cfg.adapter in ("series", "parallel"):
+        parts += [f"bn{cfg.bottleneck_size}", f"s{cfg.adapter_scaling:g}", cfg.non_linearity,
+                  "+".join(cfg.bottleneck_targets)]
     parts += [cfg.preset if "/" not in cfg.preset else Path(cfg.preset).stem, f"lr{cfg.lr:g}", f"seed{cfg.seed}"]
     for flag in ("train_limit", "eval_limit", "max_steps"):
         v = getattr(cfg, flag)

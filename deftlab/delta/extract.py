@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from deftlab.adapters.bottleneck import BottleneckAdapter
 from deftlab.delta.codecs import (
     CODECS,
     Encoded,
@@ -116,6 +117,9 @@ def _scan(base: nn.Module, ft: nn.Module) -> Iterator[tuple[UpdateSpec, Any]]:
         if skip is not None and name.startswith(skip + "."):
             continue  # named_modules is pre-order: a claimed module's descendants follow it directly
         skip = None
+        if isinstance(mod, BottleneckAdapter):
+            raise DeftlabError(f"'{name}' has a {mod.kind} bottleneck adapter: a nonlinear module, not a weight "
+                               "update ΔW", "extract updates from lora/full/lrc runs")
         if _is_lora_layer(mod):
             skip = name
             inner = mod.get_base_layer()

@@ -6,7 +6,7 @@ Conventions (state them next to any number we report):
   from, out×in), not its packed uint8 storage (out·in/2 bytes) and not its quantisation constants; so the count
   is the same before and after quantisation. Memory is a separate measurement.
 - `decoder_linear` is the DeFT/SVD-LLM/WeLore denominator: the q,k,v,o,gate,up,down projections only (dense or
-  factored), no embeddings, norms, LM head or LoRA.
+  factored), no embeddings, norms, LM head, LoRA or bottleneck adapters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from deftlab.surgery.lowrank import LowRankLinear
 
-KINDS = ("embedding", "lm_head", "norm", "dense_linear", "lowrank_factor", "lora", "other")
+KINDS = ("embedding", "lm_head", "norm", "dense_linear", "lowrank_factor", "lora", "adapter", "other")
 
 
 def logical_numel(param: nn.Parameter) -> int:
@@ -31,6 +31,8 @@ def _kind(module_name: str, module: nn.Module, param_name: str, lowrank_prefixes
     full = f"{module_name}.{param_name}" if module_name else param_name
     if "lora_" in full:
         return "lora"
+    if module_name.rsplit(".", 1)[-1].startswith("adapter_"):  # bottleneck adapters' W_down/W_up: not decoder linears
+        return "adapter"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if module_name == "lm_head" or module_name.endswith(".lm_head"):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from deftlab.adapters.config import LORA_KINDS, AdapterKind
+from deftlab.adapters.config import BOTTLENECK_FIELDS, BOTTLENECK_KINDS, LORA_KINDS, AdapterKind, NonLinearity
 from deftlab.config import ConfigError, from_dict, to_dict
 from deftlab.errors import DeftlabError
 from deftlab.manifest import write_json_atomic
@@ -91,6 +91,8 @@ class FinetuneConfig(DecompositionChoice):
     sets), else the task's own sets. ppl: corpora whose perplexity is reported (`ppl_<corpus>`), at ppl_stage
     "before" training (the decomposed model, DeFT Table 3) or "after" (continual fine-tuning, WeLore Table 1);
     None → "after" for the text task and WeLore, "before" otherwise. zero_shot: also evaluate before training.
+    bottleneck_size, adapter_scaling, non_linearity, bottleneck_targets: adapters series/parallel only (LLM-Adapters'
+    bottleneck adapters; None → `AdapterConfig`'s defaults 256, 1.0, tanh, [mlp]).
     """
 
     model: str = "smollm2-135m"
@@ -120,6 +122,10 @@ class FinetuneConfig(DecompositionChoice):
     data_dir: str | None = None
     device: str = "auto"  # auto: cuda when available, else cpu (training and evaluation run there)
     dtype: str | None = None
+    bottleneck_size: int | None = None
+    adapter_scaling: float | None = None
+    non_linearity: NonLinearity | None = None
+    bottleneck_targets: list[str] | None = None
 
     def validate(self) -> None:
         if self.optimizer == "galore" and self.adapter != "full":
@@ -145,6 +151,7 @@ class FinetuneConfig(DecompositionChoice):
         if self.adapter == "lrc" and self.method == "dense":
             raise ConfigError("adapter 'lrc' trains low-rank components, and method 'dense' has none",
                               "use --method welore (or deft) with --adapter lrc")
+        self._validate_bottleneck()
         for name in ("calib_n", "group", "lora_r", "ppl_seqlen", "ppl_max_tokens", "calib_max_length"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -153,6 +160,25 @@ class FinetuneConfig(DecompositionChoice):
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.eval_sets is not None and not self.eval_sets:
             raise ConfigError("eval_sets is empty", "name at least one evaluation set, or leave it unset")
+
+    def _validate_bottleneck(self) -> None:
+        given = [n for n in BOTTLENECK_FIELDS if getattr(self, n) is not None]
+        if self.adapter not in BOTTLENECK_KINDS:
+            if given:
+                raise ConfigError(f"{given[0]} only applies to adapters 'series'/'parallel' (adapter is "
+                                  f"'{self.adapter}')", f"drop {given[0]}, or use --adapter series/parallel")
+            return
+        if self.init == "deft":
+            # DeFT init hands the spectrum's tail to a LoRA; a bottleneck adapter has none to take it
+            raise ConfigError(f"init 'deft' with adapter '{self.adapter}': only LoRA adapters take DeFT's tail",
+                              "drop init (a decomposed model then keeps all θ components frozen) or use vanilla")
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
+            raise ConfigError(f"bottleneck_size must be positive, got {self.bottleneck_size}", "e.g. 256")
+        s = self.adapter_scaling
+        if s is not None and not (math.isfinite(s) and s > 0):
+            raise ConfigError(f"adapter_scaling must be a positive number, got {self.adapter_scaling}", "e.g. 1.0")
+        if self.bottleneck_targets is not None and not self.bottleneck_targets:
+            raise ConfigError("bottleneck_targets is empty", "name at least one module (e.g. mlp), or leave it unset")
 
     # --- resolution ----------------------------------------------------------------------------------------
     def resolve(self) -> "FinetuneConfig":
@@ -181,6 +207,13 @@ class FinetuneConfig(DecompositionChoice):
                 calib_seed=42 if self.calib_seed is None else self.calib_seed,
                 calib_max_length=self.calib_max_length or 512,
             )
+        if self.adapter in BOTTLENECK_KINDS:  # record the values used (AdapterConfig's defaults)
+            from deftlab.adapters import AdapterConfig
+
+            defaults = AdapterConfig(kind=self.adapter)
+            changes.update({n: getattr(defaults, n) if getattr(self, n) is None else getattr(self, n)
+                            for n in BOTTLENECK_FIELDS})
+            changes["bottleneck_targets"] = list(changes["bottleneck_targets"])
         return replace(self, **changes)
 
     def _default_eval_sets(self, preset) -> list[str]:
@@ -235,6 +268,9 @@ class FinetuneConfig(DecompositionChoice):
         preset = preset or self.train_preset()
         kw = preset.adapter_kwargs()
         kw["alpha"] = float(kw["alpha"])
+        kw.update({n: getattr(self, n) for n in BOTTLENECK_FIELDS if getattr(self, n) is not None})
+        if "bottleneck_targets" in kw:
+            kw["bottleneck_targets"] = tuple(kw["bottleneck_targets"])
         return AdapterConfig(kind=self.adapter, init=self.init or "vanilla", **kw)
 
 
@@ -446,6 +482,16 @@ def corpus_perplexities(model, tokenizer, corpora: list[str], *, data_dir, max_t
 # the run
 
 
+def _with_new_fields(old: dict, new: dict) -> dict:
+    """`old` plus the config fields it predates (absent there, None now), so adding an optional field to
+    FinetuneConfig does not make earlier run directories look like different runs."""
+    config = dict(old.get("config", {}))
+    for k, v in new.get("config", {}).items():
+        if k not in config and v is None:
+            config[k] = None
+    return {**old, "config": config}
+
+
 def _check_or_write_config(run_dir: Path, saved: dict) -> None:
     path = run_dir / CONFIG_FILE
     if path.is_file():
@@ -453,6 +499,8 @@ def _check_or_write_config(run_dir: Path, saved: dict) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             old = None
+        if isinstance(old, dict):
+            old = _with_new_fields(old, json.loads(json.dumps(saved)))
         if old is not None and old != json.loads(json.dumps(saved)):
             diff = sorted(k for k in set(old.get("config", {})) | set(saved["config"])
                           if old.get("config", {}).get(k) != saved["config"].get(k))

@@ -72,7 +72,10 @@ def test_config_resolves_method_task_and_preset_defaults():
     (dict(method="dense", adapter="lrc"), "low-rank components"),
     (dict(method="dense", optimizer="galore"), "GaLore projects the gradients of full weight"),
     (dict(method="dense", optimizer="sgd"), "not one of"),
-    (dict(method="dense", adapter="series"), "not one of"),
+    (dict(method="dense", adapter="prefix"), "not one of"),
+    (dict(method="dense", bottleneck_size=64), "only applies to adapters 'series'/'parallel'"),
+    (dict(method="deft", keep=0.8, adapter="series", init="deft"), "only LoRA adapters take DeFT's tail"),
+    (dict(method="dense", adapter="parallel", bottleneck_size=0), "bottleneck_size must be positive"),
     (dict(method="dense", lora_alpha=7.5), "whole number"),
 ])
 def test_bad_configs_fail_with_one_line_errors(params, match):
@@ -252,3 +255,60 @@ def test_deft_init_falls_back_to_the_standard_init_only_when_no_lora_target_was_
         assert not report.get("notes") and b_sum > 0
     else:
         assert report.get("notes") and "standard init" in report["notes"][0] and b_sum == 0
+
+
+# --- bottleneck adapters (LLM-Adapters' series / parallel) -----------------------------------------------------------
+def test_dense_series_run_trains_saves_and_reloads_only_the_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from deftlab.adapters import BottleneckAdapter
+    from deftlab.train.trainer import FINAL_WEIGHTS
+
+    params = dict(method="dense", adapter="series", bottleneck_size=8, max_steps=2, lr=1e-2, **TINY)
+    m = run(params, tmp_path)
+    hidden, layers = 64, 2
+    assert m["train_steps"] == 2 and m["trainable"] == layers * 2 * hidden * 8
+    assert m["params"] == m["params_dense"] + m["trainable"]  # a nonlinear adapter stays in the evaluated model
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())["config"]
+    assert (saved["init"], saved["bottleneck_size"], saved["non_linearity"], saved["bottleneck_targets"]) == (
+        "vanilla", 8, "tanh", ["mlp"])
+    state = load_file(str(tmp_path / FINAL_WEIGHTS))
+    assert sorted(state) == sorted(f"model.layers.{i}.mlp.adapter_{w}.weight" for i in range(layers)
+                                   for w in ("down", "up"))
+    assert any(float(v.abs().sum()) > 0 for k, v in state.items() if "adapter_up" in k)  # trained away from 0
+    lm, model = load_finetuned(tmp_path, merge=True)
+    assert isinstance(model.model.layers[0].mlp, BottleneckAdapter)
+    assert torch.equal(model.model.layers[1].mlp.adapter_up.weight, state["model.layers.1.mlp.adapter_up.weight"])
+
+
+def test_deft_model_with_a_parallel_adapter_keeps_all_theta_components_frozen():
+    cfg = FinetuneConfig(keep=0.8, adapter="parallel", bottleneck_size=8, **TINY, **DECOMP).resolve()
+    assert cfg.init == "vanilla"
+    lm, model, report = build_model(cfg)
+    assert not report["folded_tails"] and report["adapter"]["kind"] == "parallel"
+    assert report["params"]["trainable"] == report["params"]["by_kind"]["adapter"]["total"] == 2 * 2 * 64 * 8
+    # a DeFT-compressed model with lora_rank 0 (no tail): the adapter starts as a no-op on it
+    from deftlab.decompose.pipeline import compress_model
+    from deftlab.models import load_model
+
+    ref_model, _ = compress_model(cfg.compress_config(), loaded=load_model("tiny"))
+    task = cfg.make_task()
+    logits, _ = batch_logits_loss(model, lm.tokenizer, task)
+    ref_logits, _ = batch_logits_loss(ref_model, lm.tokenizer, task)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_config_files_written_before_a_field_existed_still_resume(tmp_path):
+    from deftlab.config import to_dict
+    from deftlab.train.pipeline import _check_or_write_config
+
+    cfg = FinetuneConfig(method="dense", **TINY).resolve()
+    saved = {"config": to_dict(cfg), "preset": to_dict(cfg.train_preset())}
+    old = json.loads(json.dumps(saved))
+    del old["config"]["bottleneck_size"]  # a run directory from before bottleneck adapters
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old))
+    _check_or_write_config(tmp_path, saved)
+    changed = json.loads(json.dumps(saved))
+    changed["config"]["lr"] = 1.0
+    with pytest.raises(DeftlabError, match="different config fields"):
+        _check_or_write_config(tmp_path, changed)
