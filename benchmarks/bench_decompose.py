@@ -3,7 +3,7 @@
 Total = Cholesky + W·S + SVD + triangular solve + factor assembly + cache writes (safetensors, sha256, index),
 versus the sum of bare `torch.linalg.svd` calls on the same W·S matrices (float64). Goal: ratio <= 1.3.
 Uses the calibration statistics from the deftlab cache when present (else collects 32 examples first).
-Usage: python benchmarks/bench_decompose.py [--calib-n 32] [--limit N]
+Usage: python benchmarks/bench_decompose.py [--calib-n 32] [--limit N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--limit", type=int, default=None, help="only the first N matrices")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best time of each is used")
     args = ap.parse_args()
 
     from deftlab.decompose.cache import DecompositionCache, decompose_all
@@ -39,19 +40,29 @@ def main() -> None:
     weights = {n: linears[n].weight.detach().float() for n in names}
     grams = {n: stats.gram(n) for n in names}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        decompose_all(weights, grams, DecompositionCache("bench", root=Path(tmp)), progress=False)
-        total = time.perf_counter() - t0
+    ws = {n: weights[n].double() @ cholesky_factor(grams[n])[0] for n in names}  # bare SVD inputs, untimed
 
-    bare = 0.0
-    for n in names:
-        ws = weights[n].double() @ cholesky_factor(grams[n])[0]  # same matrix, outside the timed region
-        t0 = time.perf_counter()
-        torch.linalg.svd(ws, full_matrices=False)
-        bare += time.perf_counter() - t0
+    def full() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            decompose_all(weights, grams, DecompositionCache("bench", root=Path(tmp)), progress=False)
+            return time.perf_counter() - t0
+
+    def bare_svds() -> float:
+        t = 0.0
+        for n in names:
+            t0 = time.perf_counter()
+            torch.linalg.svd(ws[n], full_matrices=False)
+            t += time.perf_counter() - t0
+        return t
+
+    # alternating rounds, best of each: this shared machine's speed drifts by tens of percent between minutes
+    total = bare = float("inf")
+    for _ in range(args.repeats):
+        total = min(total, full())
+        bare = min(bare, bare_svds())
     ratio = total / bare
-    print(f"{len(names)} matrices of {lm.spec.name}, {torch.get_num_threads()} threads")
+    print(f"{len(names)} matrices of {lm.spec.name}, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"decomposition total (incl. cache writes) {total:7.2f} s")
     print(f"bare torch.linalg.svd sum                {bare:7.2f} s")
     print(f"ratio {ratio:.3f}  (goal <= 1.3: {'PASS' if ratio <= 1.3 else 'FAIL'})")

@@ -83,14 +83,15 @@ def _energy_rows(rows: list[np.ndarray]) -> np.ndarray:
     """Cumulative energy of equal-length float64 spectra, one row each: (k × R+1), see ``energy``."""
     f = np.empty((len(rows), rows[0].shape[0] + 1), dtype=np.float64)
     f[:, 0] = 0.0
-    body = f[:, 1:]
-    np.stack(rows, out=body)
-    np.square(body, out=body)
-    np.cumsum(body, axis=1, out=body)
+    for i, r in enumerate(rows):
+        np.square(r, out=f[i, 1:])
+    # torch's cumsum/div are vectorised (numpy's row-wise cumsum is ~6x slower) and sum in the same order
+    body = torch.from_numpy(f)[:, 1:]
+    torch.cumsum(body, dim=1, out=body)
     total = f[:, -1:].copy()
     zero = total[:, 0] == 0
     total[zero] = 1.0
-    f /= total
+    torch.from_numpy(f).div_(torch.from_numpy(total))
     f[:, -1] = 1.0  # cumsum round-off must not make "full rank" lossy
     f[zero] = 1.0  # an all-zero matrix loses nothing at any rank
     return f
