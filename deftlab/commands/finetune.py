@@ -43,6 +43,8 @@ def add_parser(sub, name):
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--optimizer", default=None, choices=["adamw", "galore"],
+                   help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4; default adamw)")
     p.add_argument("--bottleneck-size", type=int, default=None, help="series/parallel adapter width (default 256)")
     p.add_argument("--adapter-scaling", type=float, default=None, help="series/parallel output scale (default 1)")
     p.add_argument("--non-linearity", default=None, choices=["tanh", "relu", "gelu", "silu"],
@@ -78,7 +80,7 @@ def params_from_args(args) -> dict:
         "max_steps": args.max_steps, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
         "zero_shot": args.zero_shot or None, "ppl": args.ppl or None, "ppl_max_tokens": args.ppl_max_tokens,
         "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype,
-        "bottleneck_size": args.bottleneck_size, "adapter_scaling": args.adapter_scaling,
+        "optimizer": args.optimizer, "bottleneck_size": args.bottleneck_size, "adapter_scaling": args.adapter_scaling,
         "non_linearity": args.non_linearity, "bottleneck_targets": args.bottleneck_targets,
     }
     return {k: v for k, v in fields.items() if v is not None}
@@ -96,6 +98,8 @@ def default_run_name(cfg) -> str:
     elif cfg.adapter in ("series", "parallel"):
         parts += [f"bn{cfg.bottleneck_size}", f"s{cfg.adapter_scaling:g}", cfg.non_linearity,
                   "+".join(cfg.bottleneck_targets)]
+    if cfg.optimizer != "adamw":
+        parts.append(cfg.optimizer)
     parts += [cfg.preset if "/" not in cfg.preset else Path(cfg.preset).stem, f"lr{cfg.lr:g}", f"seed{cfg.seed}"]
     for flag in ("train_limit", "eval_limit", "max_steps"):
         v = getattr(cfg, flag)

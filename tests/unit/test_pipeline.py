@@ -203,6 +203,9 @@ def test_default_run_name_is_deterministic_and_distinguishes_budgets():
     assert a == default_run_name(FinetuneConfig(keep=0.8, **TINY).resolve())
     assert a != default_run_name(FinetuneConfig(keep=0.7, **TINY).resolve())
     assert "keep0.8" in a and "smoke" in a
+    full = dict(TINY, method="dense", adapter="full")
+    assert default_run_name(FinetuneConfig(**full, optimizer="galore").resolve()) != \
+        default_run_name(FinetuneConfig(**full).resolve())
 
 
 def test_summarize_eval_names_metrics_per_set():
