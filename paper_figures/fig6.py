@@ -9,10 +9,10 @@ Rebuilt from the results store only (nothing is recomputed):
 import sys
 from pathlib import Path
 
-try:
-    import deftlab  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this checkout's deftlab first (also over an install from another checkout), so results and figures stay here
+ROOT = Path(__file__).resolve().parent.parent
+if (ROOT / "deftlab").is_dir():
+    sys.path.insert(0, str(ROOT))
 
 from deftlab.experiments.figures import figure_main  # noqa: E402
 
