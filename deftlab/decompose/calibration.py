@@ -1,9 +1,10 @@
 """One calibration pass collecting, for every target linear, the input Gram XᵀX and the output outlier ratio α.
 
 - Gram: accumulated in float64 across batches; each batch's XᵀX is computed in fp32 (exact enough for a few
-  thousand tokens, and ~2x cheaper than fp64 on CPU), block upper triangle only (deftlab.decompose.gram). Linears that read the same input tensor (q/k/v, gate/up)
-  share one Gram, found at run time: consecutive calls on the very same input tensor object (HF LLaMA, Mistral,
-  Qwen call q/k/v and gate/up back to back on one tensor), so no module names are assumed.
+  thousand tokens, and ~2x cheaper than fp64 on CPU), block upper triangle only (deftlab.decompose.gram).
+  Linears that read the same input tensor (q/k/v, gate/up) share one Gram, found at run time: consecutive calls
+  on the very same input tensor object (HF LLaMA, Mistral, Qwen call q/k/v and gate/up back to back on one
+  tensor), so no module names are assumed.
 - Padding tokens are excluded (the batch's attention mask is applied inside the hooks).
 - α_l (DeFT eq. 4, after OWL) = fraction of output entries with |A| > T·mean|A|, T = 5. The exact statistic needs
   the global mean first (two passes); we use each batch's mean and pool the counts over batches. With batches of

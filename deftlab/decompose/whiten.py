@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deftlab.decompose.gram import block_bounds
 from deftlab.errors import CacheCorruptError, DeftlabError
 
 # Relative jitter floor: JITTER_REL·trace(G)/d. An absolute 1e-6 (SVD-LLM) is meaningless for an unnormalised
@@ -174,8 +175,6 @@ def whitened_svd(W: Tensor, gram: Tensor | None, *, dtype: torch.dtype = torch.f
 def matmul_lower(W: Tensor, S: Tensor, blocks: int | None = None) -> Tensor:
     """W·S for lower-triangular S, skipping its zero upper blocks: column block j of the product only needs
     rows j: of S, so b GEMMs do (b + 1)/(2b) of the dense product's work (torch exposes no TRMM)."""
-    from deftlab.decompose.gram import block_bounds
-
     n = S.shape[0]
     bounds = block_bounds(n, blocks)
     out = torch.empty(W.shape[0], n, dtype=torch.promote_types(W.dtype, S.dtype), device=W.device)

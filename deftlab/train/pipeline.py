@@ -152,7 +152,8 @@ class FinetuneConfig(DecompositionChoice):
             raise ConfigError("adapter 'lrc' trains low-rank components, and method 'dense' has none",
                               "use --method welore (or deft) with --adapter lrc")
         self._validate_bottleneck()
-        for name in ("calib_n", "group", "lora_r", "ppl_seqlen", "ppl_max_tokens", "calib_max_length"):
+        for name in ("calib_n", "group", "lora_r", "ppl_seqlen", "ppl_max_tokens", "calib_max_length",
+                     "bottleneck_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
@@ -172,8 +173,6 @@ class FinetuneConfig(DecompositionChoice):
             # DeFT init hands the spectrum's tail to a LoRA; a bottleneck adapter has none to take it
             raise ConfigError(f"init 'deft' with adapter '{self.adapter}': only LoRA adapters take DeFT's tail",
                               "drop init (a decomposed model then keeps all θ components frozen) or use vanilla")
-        if self.bottleneck_size is not None and self.bottleneck_size < 1:
-            raise ConfigError(f"bottleneck_size must be positive, got {self.bottleneck_size}", "e.g. 256")
         s = self.adapter_scaling
         if s is not None and not (math.isfinite(s) and s > 0):
             raise ConfigError(f"adapter_scaling must be a positive number, got {self.adapter_scaling}", "e.g. 1.0")
