@@ -498,9 +498,10 @@ def _check_or_write_config(run_dir: Path, saved: dict) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             old = None
+        plain = json.loads(json.dumps(saved))  # as it reads back from disk (tuples become lists)
         if isinstance(old, dict):
-            old = _with_new_fields(old, json.loads(json.dumps(saved)))
-        if old is not None and old != json.loads(json.dumps(saved)):
+            old = _with_new_fields(old, plain)
+        if old is not None and old != plain:
             diff = sorted(k for k in set(old.get("config", {})) | set(saved["config"])
                           if old.get("config", {}).get(k) != saved["config"].get(k))
             what = f"config fields {diff}" if diff else "training preset"
