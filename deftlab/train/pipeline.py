@@ -156,7 +156,7 @@ class FinetuneConfig(DecompositionChoice):
                      "bottleneck_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ConfigError(f"{name} must be positive, got {v}")
+                raise ConfigError(f"{name} must be positive, got {v}", f"set {name} above 0, or leave it unset")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.eval_sets is not None and not self.eval_sets:
