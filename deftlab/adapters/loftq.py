@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from deftlab.errors import DeftlabError
+from deftlab.linalg import thin_svd
 
 Quantizer = Callable[[Tensor], Tensor]  # w -> deq(quant(w)), same shape and dtype
 
@@ -39,7 +40,7 @@ def nf4_roundtrip(w: Tensor, blocksize: int = 64) -> Tensor:
 
 def _split(M: Tensor, rank: int, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
     """(B, A) with s·B·A the best rank-`rank` approximation of M (Σ split evenly, PiSSA convention)."""
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    U, S, Vh = thin_svd(M.double())
     root = (S[:rank] / scaling).sqrt()
     return (U[:, :rank] * root).to(M.dtype), (root[:, None] * Vh[:rank]).to(M.dtype)
 

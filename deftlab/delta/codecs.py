@@ -56,6 +56,7 @@ from typing import Any, Callable
 import torch
 
 from deftlab.errors import BudgetError, DeftlabError, UnknownNameError
+from deftlab.linalg import thin_svd
 
 VALUE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_MODES = ("bitpacked", "int")
@@ -306,7 +307,7 @@ def _scatter(values: torch.Tensor, idx: torch.Tensor, numel: int) -> torch.Tenso
 
 def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # fp64 so factors are accurate to ~1e-12 and deterministic across value dtypes
-    return torch.linalg.svd(delta.double(), full_matrices=False)
+    return thin_svd(delta.double())
 
 
 def _balanced_factors(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,7 @@ from deftlab.delta.codecs import (
 )
 from deftlab.delta.storage import apply_delta, load_delta, save_delta
 from deftlab.errors import BudgetError, DataNotFoundError, DeftlabError, UnknownNameError
+from deftlab.linalg import thin_svd
 from deftlab.surgery.lowrank import LowRankLinear, linear_weight
 
 GRAD_AT = ("base", "truncated", "finetuned", "none")
@@ -297,7 +298,7 @@ def task_gradients(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], na
 
 
 def _truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = thin_svd(delta.double())
     return ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
 
 

@@ -13,7 +13,6 @@ File layout (format ``deftlab-delta-v1``, never pickle):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,19 +23,10 @@ from torch import nn
 
 from deftlab.delta.codecs import Encoded, decode
 from deftlab.errors import CacheCorruptError, DataNotFoundError, DeftlabError
+from deftlab.tensor_digest import digest
 
 FORMAT = "deftlab-delta-v1"
 SEP = "::"
-
-
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_delta(
@@ -69,7 +59,7 @@ def save_delta(
             "deftlab.entries": json.dumps(entries, sort_keys=True),
             "deftlab.metadata": json.dumps(dict(metadata or {}), sort_keys=True),
             "deftlab.total_nbytes": str(sum(e.nbytes for e in encoded.values())),
-            "deftlab.sha256": _digest(tensors),
+            "deftlab.sha256": digest(tensors),
         }
     except TypeError as e:
         raise DeftlabError(
@@ -109,10 +99,10 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, Encoded], dict[str, A
         entries = json.loads(header["deftlab.entries"])
         metadata = json.loads(header["deftlab.metadata"])
         total = int(header["deftlab.total_nbytes"])
-        digest = header["deftlab.sha256"]
+        recorded = header["deftlab.sha256"]
     except (KeyError, ValueError) as e:
         raise _corrupt(path, f"bad header ({type(e).__name__}: {e})") from None
-    if _digest(tensors) != digest:
+    if digest(tensors) != recorded:
         raise _corrupt(path, "tensor checksum mismatch")
     out: dict[str, Encoded] = {}
     seen: set[str] = set()
