@@ -2,8 +2,10 @@
 
 Layout: <cache>/decompositions/<key>/index.json + one safetensors file per matrix. The key covers the model
 weights' fingerprint, the calibration statistics' key (or "plain" for data-agnostic SVD), the targets and a
-format version. Each entry records its size and sha256; an entry that fails either check is reported and
-recomputed, never used.
+format version. Each entry records its file size and a CRC-32 of its tensors (computed in memory when written,
+checked on the loaded tensors when read; entries written before carry a sha256 of the file, still honoured); an
+entry that fails either check is reported and recomputed, never used. The index is rewritten at most every
+INDEX_EVERY seconds while writing and always at the end (``flush``), so a killed run loses at most that much work.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from deftlab.decompose.whiten import Decomposition
 from deftlab.settings import cache_dir
+from deftlab.tensor_digest import digest
 
 log = logging.getLogger(__name__)
 FORMAT = "decomp-v1"
@@ -36,12 +41,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+INDEX_EVERY = 2.0  # seconds between index rewrites during a run (each rewrite serialises the whole index)
+
+
 class DecompositionCache:
     def __init__(self, key: str, meta: dict | None = None, root: Path | None = None):
         self.dir = (root or cache_dir() / "decompositions") / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index_path = self.dir / "index.json"
         self.index = {"format": FORMAT, "meta": meta or {}, "entries": {}}
+        self._index_written = time.monotonic()
+        self._dirty = False
+        self._lock = threading.Lock()  # decompose_all writes entries from several threads
         if self.index_path.exists():
             try:
                 self.index = json.loads(self.index_path.read_text())
@@ -63,11 +74,17 @@ class DecompositionCache:
             why = "file missing"
         elif f.stat().st_size != rec["size"]:
             why = f"{f.stat().st_size} bytes, expected {rec['size']} (truncated)"
-        elif _sha256(f) != rec["sha256"]:
+        elif "crc32" not in rec and "sha256" not in rec:
+            why = "no checksum recorded"
+        elif "sha256" in rec and _sha256(f) != rec["sha256"]:  # entries written before the CRC
             why = "checksum mismatch (corrupt)"
         if why is None:
             try:
-                return Decomposition.from_tensors(load_file(str(f)), rec["meta"])
+                tensors = load_file(str(f))
+                if "crc32" in rec and digest(tensors, "crc32") != rec["crc32"]:
+                    why = "checksum mismatch (corrupt)"
+                else:
+                    return Decomposition.from_tensors(tensors, rec["meta"])
             except Exception as e:  # unreadable safetensors header
                 why = f"unreadable ({e})"
         log.warning("decomposition cache entry %s for %s: %s; recomputing", f.name, name, why)
@@ -79,51 +96,97 @@ class DecompositionCache:
         f = self._file(name)
         tmp = f.with_suffix(f".tmp{os.getpid()}")
         tensors, meta = dec.to_tensors()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp))
         os.replace(tmp, f)
-        self.index["entries"][name] = {"size": f.stat().st_size, "sha256": _sha256(f), "meta": meta}
-        self._write_index()
+        rec = {"size": f.stat().st_size, "crc32": digest(tensors, "crc32"), "meta": meta}
+        with self._lock:
+            self.index["entries"][name] = rec
+            self._dirty = True
+        if time.monotonic() - self._index_written >= INDEX_EVERY:
+            self.flush()
 
-    def _write_index(self) -> None:
-        tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.index, indent=1))
-        os.replace(tmp, self.index_path)
+    def flush(self) -> None:
+        """Write the index if entries were added since it was last written."""
+        with self._lock:
+            if self._dirty:
+                tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(self.index, indent=1))
+                os.replace(tmp, self.index_path)
+                self._index_written, self._dirty = time.monotonic(), False
 
     def __contains__(self, name: str) -> bool:
         return name in self.index["entries"]
 
 
 def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor] | None,
-                  cache: DecompositionCache | None, *, progress: bool = True) -> dict[str, Decomposition]:
+                  cache: DecompositionCache | None, *, progress: bool = True,
+                  workers: int | None = None) -> dict[str, Decomposition]:
     """Decomposition of every weight (whitened with its Gram when `grams` is given), from the cache when valid.
 
-    Cache writes (safetensors + sha256 + index) run on one background thread, overlapping the next SVD; all of
-    them have finished (or raised) when this returns."""
-    from concurrent.futures import ThreadPoolExecutor
+    Matrices that read the same Gram (q/k/v, gate/up) form one task sharing one Cholesky factor. On CPU the tasks
+    run on ``workers`` threads (default 2 when torch has at least 2 intra-op threads), torch's threads split
+    between them for the duration of the call: LAPACK's SVD gains only ~1.5× from a second thread (its
+    bidiagonalisation is memory-bound) while two single-threaded SVDs side by side give ~1.65×, and each task's
+    cache write overlaps the other's arithmetic (benchmarks/README.md). On a GPU the tasks run one at a time.
+    If a task fails, the tasks not yet started are cancelled, the running ones finish, and everything written
+    so far is indexed, so a rerun recomputes only what is missing."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm
 
     from deftlab.decompose.whiten import cholesky_factor, whitened_svd
 
-    out = {}
-    factors: dict[int, tuple] = {}  # one Cholesky per shared Gram (q/k/v, gate/up read the same input)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decomposition-cache") as writer:
-        writes = []
-        for name in tqdm(list(weights), desc="decompose", disable=not progress, unit="mat"):
-            dec = cache.get(name) if cache is not None else None
-            if dec is None:
-                gram = None if grams is None else grams[name]
-                chol = None
-                if gram is not None:
-                    if id(gram) not in factors:
-                        factors[id(gram)] = (gram, cholesky_factor(gram))  # keep gram alive: id() stays unique
-                    chol = factors[id(gram)][1]
-                dec = whitened_svd(weights[name].detach(), gram, cholesky=chol)
-                if dec.jitter:
-                    log.info("%s: Gram not positive definite, added jitter %.3g", name, dec.jitter)
-                if cache is not None:
-                    writes.append(writer.submit(cache.put, name, dec))
+    out: dict[str, Decomposition] = {}
+    groups: dict[int, list[str]] = {}  # one task per shared Gram (each matrix alone for plain SVD)
+    for name in weights:
+        dec = cache.get(name) if cache is not None else None
+        if dec is not None:
             out[name] = dec
-        for w in writes:
-            w.result()  # re-raise a failed write here
-    return out
+        else:
+            groups.setdefault(id(weights[name]) if grams is None else id(grams[name]), []).append(name)
+
+    def task(names: list[str]) -> list[tuple[str, Decomposition]]:
+        gram = None if grams is None else grams[names[0]]
+        chol = None if gram is None else cholesky_factor(gram)
+        done = []
+        for name in names:
+            dec = whitened_svd(weights[name].detach(), gram, cholesky=chol)
+            if dec.jitter:
+                log.info("%s: Gram not positive definite, added jitter %.3g", name, dec.jitter)
+            if cache is not None:
+                cache.put(name, dec)
+            done.append((name, dec))
+        return done
+
+    threads = torch.get_num_threads()
+    on_cpu = all(w.device.type == "cpu" for w in weights.values())
+    if workers is None:
+        workers = 2 if on_cpu and threads >= 2 else 1
+    workers = max(1, min(workers, len(groups)))
+    bar = tqdm(total=len(weights), initial=len(out), desc="decompose", disable=not progress, unit="mat")
+    try:
+        if workers == 1:  # in this thread: a worker thread's OpenMP team runs LAPACK ~1.7x slower here
+            for names in groups.values():
+                done = task(names)
+                out.update(done)
+                bar.update(len(done))
+        else:
+            torch.set_num_threads(max(1, threads // workers))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decompose") as pool:
+                futures = [pool.submit(task, names) for names in groups.values()]
+                try:
+                    for fut in as_completed(futures):
+                        done = fut.result()
+                        out.update(done)
+                        bar.update(len(done))
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+        if cache is not None:
+            cache.flush()  # also after a failure: the entries written so far stay usable
+    return {name: out[name] for name in weights}

@@ -12,6 +12,7 @@ Conventions (research notes §7.1–7.2, §7.6):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from deftlab.decompose.gram import block_bounds
 from deftlab.errors import CacheCorruptError, DeftlabError
+from deftlab.linalg import thin_svd
 
 # Relative jitter floor: JITTER_REL·trace(G)/d. An absolute 1e-6 (SVD-LLM) is meaningless for an unnormalised
 # Gram summed over ~10⁵ tokens, so the floor scales with the mean eigenvalue.
@@ -34,9 +36,11 @@ class SvdCounter:
 
     def __init__(self) -> None:
         self.count = 0
+        self._lock = threading.Lock()  # decompose_all runs SVDs on several threads
 
     def increment(self) -> None:
-        self.count += 1
+        with self._lock:
+            self.count += 1
 
     def reset(self) -> None:
         self.count = 0
@@ -66,9 +70,10 @@ def cholesky_factor(gram: Tensor) -> tuple[Tensor, float]:
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise DeftlabError(f"Gram matrix has shape {tuple(gram.shape)}, expected a square (in × in) matrix",
                            "pass XᵀX of the layer's inputs")
+    # No re-symmetrising: LAPACK's potrf reads the lower triangle only, so an upper triangle off by round-off
+    # changes nothing (and (G + Gᵀ)/2 of a 1536-wide Gram costs ~80 % of its Cholesky, cache-unfriendly).
     G = gram.detach().to(torch.float64)
     _check_finite(G, "Gram matrix")
-    G = (G + G.T) / 2  # exact symmetry (fp32 accumulation can break it by round-off)
     d = G.shape[0]
     scale = float(torch.diagonal(G).sum()) / d
     if scale <= 0:
@@ -85,6 +90,7 @@ def cholesky_factor(gram: Tensor) -> tuple[Tensor, float]:
     if L is not None:
         return L, 0.0
     lam = JITTER_REL * scale
+    G = G.clone()  # the jitter goes in place; G may be the caller's own float64 tensor
     diag = torch.diagonal(G).clone()
     for _ in range(_MAX_DOUBLINGS):
         torch.diagonal(G).copy_(diag + lam)  # G + λI in place (no second d×d buffer)
@@ -158,14 +164,14 @@ def whitened_svd(W: Tensor, gram: Tensor | None, *, dtype: torch.dtype = torch.f
     W64 = W.detach().to(torch.float64)
     _check_finite(W64, "weight")
     if gram is None:
-        U, s, Vh = torch.linalg.svd(W64, full_matrices=False)
+        U, s, Vh = thin_svd(W64)
         svd_counter.increment()
         return Decomposition(U=U.to(dtype), sigma=s, Vt_Sinv=Vh.to(dtype), whitened=False, jitter=0.0)
     if tuple(gram.shape) != (W.shape[1], W.shape[1]):
         raise DeftlabError(f"Gram {tuple(gram.shape)} does not match weight {tuple(W.shape)}",
                            "the Gram must be (in × in) of the same layer's inputs")
     S, jitter = cholesky if cholesky is not None else cholesky_factor(gram.to(W64.device))
-    U, s, Vh = torch.linalg.svd(matmul_lower(W64, S), full_matrices=False)
+    U, s, Vh = thin_svd(matmul_lower(W64, S))
     svd_counter.increment()
     # rows of Vᵀ S⁻¹: solve X·S = Vᵀ (S lower-triangular) instead of forming S⁻¹
     Vt_Sinv = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)

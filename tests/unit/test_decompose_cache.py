@@ -66,3 +66,51 @@ def test_compress_config_needs_exactly_one_budget():
         CompressConfig(allocator="deft").validate()
     with pytest.raises(DeftlabError, match="exactly one of"):
         CompressConfig(allocator="uniform", keep=0.5, err=0.2).validate()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_midway_keeps_the_entries_already_written(tmp_path, monkeypatch, workers):
+    from deftlab.decompose import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "INDEX_EVERY", 1e9)  # only the final flush writes the index
+    weights, grams = _problem()
+    bad = dict(weights)
+    last = list(weights)[-1]
+    bad[last] = weights[last].clone()
+    bad[last][0, 0] = float("nan")
+    with pytest.raises(DeftlabError, match="NaN"):
+        decompose_all(bad, grams, DecompositionCache("k3", root=tmp_path), progress=False, workers=workers)
+    whiten.svd_counter.reset()
+    decompose_all(weights, grams, DecompositionCache("k3", root=tmp_path), progress=False)
+    assert whiten.svd_counter.count == 1  # only the matrix that failed
+
+
+def test_parallel_tasks_match_sequential_and_restore_threads(tmp_path):
+    weights, grams = _problem()
+    shared = next(iter(grams.values()))
+    grams = {n: shared for n in weights}  # one Gram for all three: one task, one Cholesky
+    grams["extra"] = torch.eye(16, dtype=torch.float64) * 3.0
+    weights["extra"] = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    seq = decompose_all(weights, grams, None, progress=False, workers=1)
+    whiten.svd_counter.reset()
+    par = decompose_all(weights, grams, DecompositionCache("k5", root=tmp_path), progress=False, workers=2)
+    assert whiten.svd_counter.count == 4
+    assert torch.get_num_threads() == threads
+    assert list(par) == list(weights)  # input order, whatever order the tasks finished in
+    for n in weights:
+        torch.testing.assert_close(par[n].sigma, seq[n].sigma, rtol=1e-10, atol=1e-12)
+    assert set(DecompositionCache("k5", root=tmp_path).index["entries"]) == set(weights)
+
+
+def test_entry_without_checksum_is_recomputed(tmp_path, caplog):
+    weights, grams = _problem()
+    cache = DecompositionCache("k4", root=tmp_path)
+    decompose_all(weights, grams, cache, progress=False)
+    first = next(iter(weights))
+    del cache.index["entries"][first]["crc32"]
+    cache._dirty = True
+    cache.flush()
+    whiten.svd_counter.reset()
+    decompose_all(weights, grams, DecompositionCache("k4", root=tmp_path), progress=False)
+    assert whiten.svd_counter.count == 1 and "no checksum recorded" in caplog.text
