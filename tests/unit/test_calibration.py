@@ -78,3 +78,16 @@ def test_stats_roundtrip_and_truncation_detected(setup, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(CacheCorruptError, match="truncated"):
         CalibrationStats.load(tmp_path / "s")
+
+
+def test_calibration_runs_the_backbone_only(setup):
+    from deftlab.decompose.calibration import calibration_body
+
+    model, batches = setup
+    calls = []
+    h = model.lm_head.register_forward_hook(lambda m, a, o: calls.append(1))
+    collect_statistics(model, batches[:1], progress=False)
+    h.remove()
+    assert calls == []  # no logits computed
+    assert calibration_body(model, [model.model.layers[0].mlp.up_proj]) is model.model
+    assert calibration_body(model, [model.lm_head]) is model  # a target outside the backbone: whole model
