@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from deftlab.checksums import digest, file_sha256
 from deftlab.decompose.whiten import Decomposition
 from deftlab.settings import cache_dir
-from deftlab.tensor_digest import digest
 
 log = logging.getLogger(__name__)
 FORMAT = "decomp-v1"
@@ -31,14 +31,6 @@ FORMAT = "decomp-v1"
 def decomposition_key(model_fingerprint: str, stats_key: str | None, targets) -> str:
     blob = json.dumps([model_fingerprint, stats_key or "plain", sorted(targets), FORMAT])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 INDEX_EVERY = 2.0  # seconds between index rewrites during a run (each rewrite serialises the whole index)
@@ -76,7 +68,7 @@ class DecompositionCache:
             why = f"{f.stat().st_size} bytes, expected {rec['size']} (truncated)"
         elif "crc32" not in rec and "sha256" not in rec:
             why = "no checksum recorded"
-        elif "sha256" in rec and _sha256(f) != rec["sha256"]:  # entries written before the CRC
+        elif "sha256" in rec and file_sha256(f) != rec["sha256"]:  # entries written before the CRC
             why = "checksum mismatch (corrupt)"
         if why is None:
             try:

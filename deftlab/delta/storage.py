@@ -21,9 +21,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from deftlab.checksums import digest
 from deftlab.delta.codecs import Encoded, decode
 from deftlab.errors import CacheCorruptError, DataNotFoundError, DeftlabError
-from deftlab.tensor_digest import digest
 
 FORMAT = "deftlab-delta-v1"
 SEP = "::"

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from deftlab.checksums import file_sha256
 from deftlab.errors import DeftlabError
 from deftlab.models.registry import ModelSpec, get_spec, model_specs
 from deftlab.settings import cache_dir, hub_offline
@@ -71,14 +72,6 @@ def gguf_path(spec: ModelSpec) -> Path:
     return path
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_is_valid(ckpt: Path) -> tuple[bool, str]:
     """(ok, reason). Checks the recorded size and sha256 of every file written at conversion."""
     meta_file = ckpt / CHECKSUMS
@@ -95,7 +88,7 @@ def checkpoint_is_valid(ckpt: Path) -> tuple[bool, str]:
             return False, f"{name} missing"
         if f.stat().st_size != rec["size"]:
             return False, f"{name} has {f.stat().st_size} bytes, expected {rec['size']} (partial write?)"
-        if name == WEIGHTS and _sha256(f) != rec["sha256"]:
+        if name == WEIGHTS and file_sha256(f) != rec["sha256"]:
             return False, f"{name} checksum mismatch (corrupt)"
     return True, "ok"
 
@@ -127,7 +120,7 @@ def convert_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
     for f in sorted(tmp.iterdir()):
         rec = {"size": f.stat().st_size}
         if f.name == WEIGHTS:
-            rec["sha256"] = _sha256(f)
+            rec["sha256"] = file_sha256(f)
         files[f.name] = rec
     (tmp / CHECKSUMS).write_text(json.dumps({
         "source": str(gguf), "source_size": gguf.stat().st_size, "files": files,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from deftlab.checksums import digest
 from deftlab.linalg import thin_svd
-from deftlab.tensor_digest import digest
 
 
 @pytest.mark.parametrize("shape", [(7, 19), (19, 7), (11, 11)])

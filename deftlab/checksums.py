@@ -1,7 +1,7 @@
-"""Checksums of named tensors (name, dtype, shape and bytes), computed in memory without copying the data.
+"""Checksums that detect truncated or corrupt cache, checkpoint and delta files.
 
-Used to detect truncated or corrupt cache and delta files: hashing the tensors rather than the file means a
-writer never reads its file back, and a reader checks exactly what it is about to use.
+``digest`` hashes named tensors (name, dtype, shape and bytes) in memory without copying the data: a writer never
+reads its file back, and a reader checks exactly what it is about to use. ``file_sha256`` hashes a file on disk.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -38,4 +39,13 @@ def digest(tensors: Mapping[str, torch.Tensor], algorithm: str = "sha256") -> st
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         if t.numel():
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # a view, no copy
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 (hex) of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
     return h.hexdigest()
