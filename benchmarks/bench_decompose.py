@@ -28,16 +28,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best time of each is used")
     args = ap.parse_args()
 
-    from deftlab.decompose.cache import DecompositionCache, decompose_all
-    from deftlab.decompose.pipeline import CompressConfig, calibration_stats
+    from deftlab.decompose.cache import DecompositionCache
+    from deftlab.decompose.config import DecompositionConfig
+    from deftlab.decompose.driver import decompose_all
+    from deftlab.recipes.compress import calibration_stats
     from deftlab.decompose.targets import target_linears
     from deftlab.decompose.whiten import cholesky_factor
     from deftlab.models import load_model
     from deftlab.settings import data_dir
 
     lm = load_model(args.model)
-    cfg = CompressConfig(model=args.model, calib="arith" if data_dir() else "generated", calib_n=args.calib_n,
-                         keep=0.85)
+    cfg = DecompositionConfig(calib="arith" if data_dir() else "generated", calib_n=args.calib_n, keep=0.85)
     stats, _ = calibration_stats(cfg, lm)
     linears = target_linears(lm.model)
     names = list(linears)[: args.limit]

@@ -16,6 +16,7 @@ COMMANDS = {
     "decompose": "decompose",
     "finetune": "finetune",
     "run": "run",
+    "show": "show",
     "sweep": "sweep",
     "delta": "delta",
     "demo": "demo",
@@ -39,13 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = mod.add_parser(sub, name)
         p.set_defaults(_run=mod.run)
     return parser
-
-
-def add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model name (configs/models), hub id or local dir")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model config's)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--data-dir", default=None, help="real-data directory (default: $DEFTLAB_DATA_DIR)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from deftlab.errors import DeftlabError
 from deftlab.linalg import thin_svd
+from deftlab.surgery.quantize import check_4bit_support
 
 Quantizer = Callable[[Tensor], Tensor]  # w -> deq(quant(w)), same shape and dtype
 
@@ -29,8 +30,6 @@ Quantizer = Callable[[Tensor], Tensor]  # w -> deq(quant(w)), same shape and dty
 def nf4_roundtrip(w: Tensor, blocksize: int = 64) -> Tensor:
     """deq(NF4(w)) with bitsandbytes, fp32 absmax (no double quantisation: re-quantising the result is exact)."""
     import bitsandbytes.functional as bnbF
-
-    from deftlab.surgery.quantize import check_4bit_support
 
     check_4bit_support(w.device)  # also repairs bitsandbytes' CPU dequantise where needed
     q, state = bnbF.quantize_4bit(w.detach().float().contiguous(), blocksize=blocksize, quant_type="nf4",

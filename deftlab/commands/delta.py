@@ -1,6 +1,6 @@
 """deftlab delta: store a fine-tuned run's weight updates compactly (OSD and baselines), and apply them back.
 
-    deftlab delta export RUN_DIR --codec osd --budget 2% [--out F]
+    deftlab delta export RUN --codec osd --budget 2% [--out F]      (RUN: a finetune run's key or directory)
     deftlab delta apply DELTA_FILE [--model M] [--eval arith --limit 20]
 """
 
@@ -19,7 +19,8 @@ def add_parser(sub, name):
     actions = p.add_subparsers(dest="delta_action", metavar="ACTION")
 
     e = actions.add_parser("export", help="extract ΔW of a fine-tuning run, encode it, write one safetensors file")
-    e.add_argument("run_dir", help="a finished fine-tuning run directory (results/finetune/<key>/)")
+    e.add_argument("run_dir", metavar="RUN", help="a recorded fine-tuning run: its key (or a prefix) or directory")
+    e.add_argument("--results", default=None, help="results store for a key (default: $DEFTLAB_RESULTS, ./results)")
     e.add_argument("--codec", default="osd", help="osd | magtruncsvd | truncsvd | lowrank | sparse")
     e.add_argument("--budget", default="2%", help="per matrix: a fraction of the dense fp32 ΔW ('2%%', 0.02); "
                                                   "or a total byte count split in proportion to matrix sizes")
@@ -75,10 +76,16 @@ def _print_summary(s: dict) -> None:
 
 
 def _export(args) -> int:
-    from deftlab.delta.extract import export_run
+    from deftlab.recipes.osd import export_run
+    from deftlab.store import ResultsStore
 
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        store = ResultsStore(args.results)
+        rec = store.find(args.run_dir)
+        run_dir = store.run_dir(rec["kind"], rec["key"])
     opts = {k: v for k, v in (("rank", args.rank), ("index", args.index)) if v is not None}
-    report = export_run(args.run_dir, args.codec, args.budget, args.out, grad_at=args.grad_at,
+    report = export_run(run_dir, args.codec, args.budget, args.out, grad_at=args.grad_at,
                         grad_batches=args.grad_batches, grad_batch_size=args.grad_batch_size,
                         cutoff_len=args.cutoff_len, task=args.task, value_dtype=args.value_dtype,
                         device=args.device, codec_options=opts)

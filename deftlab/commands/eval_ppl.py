@@ -1,48 +1,37 @@
-"""deftlab eval-ppl: perplexity of a (dense) model on a named corpus."""
+"""deftlab eval-ppl: perplexity of a (dense) model on named corpora: a "compress" run with allocator none."""
 
 from __future__ import annotations
 
 import json
 
-from deftlab.cli import add_common_model_args
+from deftlab.commands._args import add_common_model_args, add_store_args, params_of, record_run
+from deftlab.commands.decompose import MODEL_PARAMS, add_ppl_flags
 from deftlab.eval.corpora import CORPORA
-
-
-def add_ppl_args(p) -> None:
-    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="evaluate only this many leading tokens (a fixed prefix; reported as such)")
 
 
 def add_parser(sub, name):
     p = sub.add_parser(name, help="perplexity on wikitext2 / c4 / arith / generated",
-                       description="Perplexity over non-overlapping windows (NLL averaged over all tokens).")
+                       description="Perplexity over non-overlapping windows (NLL averaged over all tokens), "
+                                   "recorded in the results store.")
     add_common_model_args(p)
-    p.add_argument("--dataset", default=None, choices=CORPORA, action="append", dest="datasets",
+    p.add_argument("--dataset", default=None, choices=CORPORA, action="append", dest="ppl",
                    help="corpus (repeatable; default wikitext2)")
-    add_ppl_args(p)
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    add_ppl_flags(p)
+    add_store_args(p)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
 
 
 def run(args) -> int:
-    from deftlab.eval.corpora import corpus_text
-    from deftlab.eval.perplexity import perplexity, tokenize_corpus
-    from deftlab.models import load_model
-
-    datasets = args.datasets or ["wikitext2"]
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    print(f"model {lm.spec.name}: {lm.num_params:,} parameters")
-    out = {}
-    for ds in datasets:
-        ids = tokenize_corpus(lm.tokenizer, corpus_text(ds, args.data_dir))
-        res = perplexity(lm.model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                         desc=f"ppl {ds}")
-        out[ds] = res.to_dict()
-        scope = f"first {res.windows * res.seqlen:,} of {res.total_tokens:,} tokens" if res.prefix else \
-            f"all {res.total_tokens:,} tokens"
-        print(f"{ds:10s} ppl {res.ppl:.3f}  ({scope}, {res.windows} x {res.seqlen}, {res.seconds:.0f}s)")
+    params = {**params_of(args, MODEL_PARAMS), "allocator": "none"}
+    params.setdefault("ppl", ["wikitext2"])
+    rec = record_run("compress", params, args)
+    m = rec["metrics"]
+    print(f"model {rec['config']['model']['model']}: {m['params_total']:,} parameters")
+    for ds in params["ppl"]:
+        scope = f"first {m[f'ppl_{ds}_tokens']:,} tokens" if m.get(f"ppl_{ds}_prefix") else \
+            f"all {m[f'ppl_{ds}_tokens']:,} tokens"
+        print(f"{ds:10s} ppl {m[f'ppl_{ds}']:.3f}  ({scope})")
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(m, indent=2))
     return 0

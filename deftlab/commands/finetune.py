@@ -1,111 +1,82 @@
-"""deftlab finetune: decompose (optional) → fine-tune → evaluate in one recorded, resumable command."""
+"""deftlab finetune: decompose (optional) → fine-tune → evaluate: one run, recorded in the results store.
+
+The run is the one `deftlab run` would make from the same params (same key, same record), so tables that need
+it reuse it. Re-running the same command reuses the record; an interrupted run resumes from its last checkpoint.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from deftlab.commands._args import add_common_model_args, add_store_args, csv_list, param_flag, params_of, record_run
+from deftlab.config import flat_fields
+from deftlab.recipes.finetune import FinetuneConfig
 
-from deftlab.cli import add_common_model_args
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+FT = FinetuneConfig
+PARAMS = tuple(flat_fields(FinetuneConfig))
 
 
 def add_parser(sub, name):
     p = sub.add_parser(
         name, help="decompose, fine-tune and evaluate (DeFT, WeLore or a dense baseline)",
         description="One run end to end: load the model, decompose it (--method deft|welore, with --keep or "
-                    "--err), attach the adapter, fine-tune with a training preset, merge, evaluate on the task's "
-                    "test sets and record everything under the run directory. Re-running the same command "
-                    "resumes it (training from the last checkpoint; evaluated sets are not redone). "
-                    "--method dense --adapter none evaluates the model as loaded.")
+                    "--err), attach the adapter, fine-tune with a training profile, merge, evaluate on the task's "
+                    "test sets, and record it in the results store (`deftlab show KEY` prints the record). "
+                    "Re-running the same command reuses the record, or resumes an interrupted run (training "
+                    "from the last checkpoint; evaluated sets are not redone). --method dense --adapter none "
+                    "evaluates the model as loaded.")
     add_common_model_args(p)
-    p.set_defaults(device="auto")
-    p.add_argument("--task", default="arith", help="arith | generated | xsum | math | text (default arith)")
-    p.add_argument("--method", default="deft", choices=["dense", "deft", "welore"])
-    p.add_argument("--adapter", default="lora",
-                   choices=["none", "lora", "qlora", "loftq", "full", "lrc", "series", "parallel"],
-                   help="series/parallel: LLM-Adapters' bottleneck adapters on each MLP (default lora)")
-    p.add_argument("--init", default=None, choices=["deft", "vanilla"],
-                   help="LoRA init on a decomposed model (default: deft for --method deft, else vanilla)")
-    p.add_argument("--keep", type=float, default=None, help="fraction of decoder-linear parameters preserved")
-    p.add_argument("--err", type=float, default=None, help="effective rank reduction (WeLore)")
-    p.add_argument("--eta", type=float, default=None, help="importance weight η of the DeFT search (default 1)")
-    p.add_argument("--allocator", default=None, choices=["deft", "welore", "owl", "uniform"],
-                   help="rank allocator (default: the method's)")
-    p.add_argument("--svd", default=None, choices=["whitened", "plain"], help="default: the method's")
-    p.add_argument("--calib", default=None, help="calibration data (default: the task's training text)")
-    p.add_argument("--calib-n", type=int, default=None, help="calibration examples (default 256)")
-    p.add_argument("--calib-seed", type=int, default=None)
-    p.add_argument("--preset", default="cpu-small", help="training preset: smoke | cpu-small | gpu | paper | path")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lora-r", type=int, default=None)
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--optimizer", default=None, choices=["adamw", "galore"],
-                   help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4; default adamw)")
-    p.add_argument("--bottleneck-size", type=int, default=None, help="series/parallel adapter width (default 256)")
-    p.add_argument("--adapter-scaling", type=float, default=None, help="series/parallel output scale (default 1)")
-    p.add_argument("--non-linearity", default=None, choices=["tanh", "relu", "gelu", "silu"],
-                   help="series/parallel activation (default tanh, as LLM-Adapters)")
-    p.add_argument("--bottleneck-targets", type=_csv, default=None,
-                   help="modules the series/parallel adapters wrap (default mlp)")
-    p.add_argument("--eval-sets", type=_csv, default=None, help="comma list (default: the preset's / task's)")
-    p.add_argument("--eval-limit", type=int, default=None, help="first N problems of each test set")
-    p.add_argument("--train-limit", type=int, default=None, help="training examples used")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--zero-shot", action="store_true", help="also evaluate before training")
-    p.add_argument("--ppl", type=_csv, default=[], help="comma list of corpora for perplexity (wikitext2, arith, ...)")
-    p.add_argument("--ppl-max-tokens", type=int, default=8192)
+    param_flag(p, FT, "task", help="arith | generated | xsum | math | text")
+    param_flag(p, FT, "method", choices=["dense", "deft", "welore"])
+    param_flag(p, FT, "adapter", choices=["none", "lora", "qlora", "loftq", "full", "lrc", "series", "parallel"],
+               help="series/parallel: LLM-Adapters' bottleneck adapters on each MLP")
+    param_flag(p, FT, "init", choices=["deft", "vanilla"], show_default=False,
+               help="LoRA init on a decomposed model (default: deft for --method deft, else vanilla)")
+    param_flag(p, FT, "profile", help="training profile: smoke | cpu-small | gpu | paper | a YAML path")
+    d = p.add_argument_group("decomposition (methods deft and welore; defaults: deftlab.decompose.config)")
+    param_flag(d, FT, "keep", type=float, help="fraction of decoder-linear parameters preserved")
+    param_flag(d, FT, "err", type=float, help="effective rank reduction (WeLore)")
+    param_flag(d, FT, "eta", type=float, help="importance weight η of the DeFT search")
+    param_flag(d, FT, "group", type=int, help="rank cut size G of the DeFT search")
+    param_flag(d, FT, "allocator", choices=["deft", "welore", "owl", "uniform"], show_default=False,
+               help="rank allocator (default: the method's)")
+    param_flag(d, FT, "svd", choices=["whitened", "plain"], show_default=False, help="default: the method's")
+    param_flag(d, FT, "calib", show_default=False, help="calibration data (default: the task's training text)")
+    param_flag(d, FT, "calib_n", type=int, help="calibration examples")
+    param_flag(d, FT, "calib_seed", type=int)
+    t = p.add_argument_group("training (unset: the profile's value)")
+    for name, typ in (("lr", float), ("lora_r", int), ("lora_alpha", float), ("seed", int), ("epochs", int),
+                      ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int)):
+        param_flag(t, FT, name, type=typ, show_default=False)
+    param_flag(t, FT, "optimizer", choices=["adamw", "galore"],
+               help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4)")
+    param_flag(t, FT, "bottleneck_size", type=int, show_default=False, help="series/parallel adapter width")
+    param_flag(t, FT, "adapter_scaling", type=float, show_default=False, help="series/parallel output scale")
+    param_flag(t, FT, "non_linearity", choices=["tanh", "relu", "gelu", "silu"], show_default=False,
+               help="series/parallel activation")
+    param_flag(t, FT, "bottleneck_targets", type=csv_list, show_default=False,
+               help="modules the series/parallel adapters wrap")
+    e = p.add_argument_group("evaluation")
+    param_flag(e, FT, "eval_sets", type=csv_list, show_default=False,
+               help="comma list (default: the profile's / task's)")
+    param_flag(e, FT, "eval_limit", type=int, show_default=False, help="first N problems of each test set")
+    param_flag(e, FT, "max_new_tokens", type=int, show_default=False)
+    e.add_argument("--zero-shot", dest="zero_shot", action="store_const", const=True, default=None,
+                   help="also evaluate before training")
+    param_flag(e, FT, "ppl", type=csv_list, help="comma list of corpora for perplexity (wikitext2, arith, ...)")
+    param_flag(e, FT, "ppl_max_tokens", type=int)
+    param_flag(e, FT, "ppl_stage", choices=["before", "after"], show_default=False,
+               help="perplexity before or after training (default: after for text/WeLore, else before)")
+    add_store_args(p)
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"],
                    help="W&B mode (default: $WANDB_MODE, else offline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often faster on a busy machine)")
-    p.add_argument("--run-dir", default=None, help="default results/finetune/<model>-<task>-<method>-...")
     return p
 
 
 def params_from_args(args) -> dict:
-    """FinetuneConfig fields from the parsed arguments (unset options left out, so defaults apply)."""
-    fields = {
-        "model": args.model, "task": args.task, "method": args.method, "adapter": args.adapter, "init": args.init,
-        "keep": args.keep, "err": args.err, "eta": args.eta, "allocator": args.allocator, "svd": args.svd,
-        "calib": args.calib, "calib_n": args.calib_n, "calib_seed": args.calib_seed, "preset": args.preset,
-        "lr": args.lr, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "seed": args.seed,
-        "eval_sets": args.eval_sets, "eval_limit": args.eval_limit, "train_limit": args.train_limit,
-        "max_steps": args.max_steps, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
-        "zero_shot": args.zero_shot or None, "ppl": args.ppl or None, "ppl_max_tokens": args.ppl_max_tokens,
-        "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype,
-        "optimizer": args.optimizer, "bottleneck_size": args.bottleneck_size, "adapter_scaling": args.adapter_scaling,
-        "non_linearity": args.non_linearity, "bottleneck_targets": args.bottleneck_targets,
-    }
-    return {k: v for k, v in fields.items() if v is not None}
-
-
-def default_run_name(cfg) -> str:
-    """A readable, deterministic name for a resolved FinetuneConfig (same command → same directory)."""
-    parts = [Path(cfg.model).name, cfg.task, cfg.method]
-    if cfg.method != "dense":
-        budget = f"keep{cfg.keep:g}" if cfg.keep is not None else f"err{cfg.err:g}"
-        parts += [cfg.allocator, cfg.svd, budget, f"eta{cfg.eta:g}", f"{cfg.calib}{cfg.calib_n}s{cfg.calib_seed}"]
-    parts.append(cfg.adapter)
-    if cfg.adapter in ("lora", "qlora", "loftq"):
-        parts += [f"r{cfg.lora_r}", cfg.init] if cfg.method != "dense" else [f"r{cfg.lora_r}"]
-    elif cfg.adapter in ("series", "parallel"):
-        parts += [f"bn{cfg.bottleneck_size}", f"s{cfg.adapter_scaling:g}", cfg.non_linearity,
-                  "+".join(cfg.bottleneck_targets)]
-    if cfg.optimizer != "adamw":
-        parts.append(cfg.optimizer)
-    parts += [cfg.preset if "/" not in cfg.preset else Path(cfg.preset).stem, f"lr{cfg.lr:g}", f"seed{cfg.seed}"]
-    for flag in ("train_limit", "eval_limit", "max_steps"):
-        v = getattr(cfg, flag)
-        if v is not None and v > 0:
-            parts.append(f"{flag.replace('_', '')}{v}")
-    return "-".join(str(p) for p in parts)
+    """The run params the command line set (unset options left out, so the configs' defaults apply)."""
+    return params_of(args, PARAMS)
 
 
 def format_summary(metrics: dict) -> str:
@@ -134,20 +105,11 @@ def format_summary(metrics: dict) -> str:
 
 
 def run(args) -> int:
-    from deftlab.config import from_dict
-    from deftlab.settings import results_dir
-    from deftlab.train.pipeline import FinetuneConfig, run_finetune
-
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    params = params_from_args(args)
-    cfg = from_dict(FinetuneConfig, dict(params)).resolve()
-    run_dir = Path(args.run_dir) if args.run_dir else results_dir() / "finetune" / default_run_name(cfg)
-    print(f"run dir {run_dir}")
-    metrics = run_finetune(params, run_dir, progress=not args.no_progress, wandb_mode=args.wandb)
-    print(format_summary(metrics))
-    print(f"recorded {run_dir / 'record.json'} (per-item predictions under {run_dir / 'eval'})")
-    (run_dir / "command.json").write_text(json.dumps({"params": params}, indent=2))
+    rec = record_run("finetune", params_from_args(args), args,
+                     options={"progress": not args.no_progress, "wandb_mode": args.wandb})
+    print(format_summary(rec["metrics"]))
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deftlab import settings
-from deftlab.cli import add_common_model_args
+from deftlab.commands._args import add_common_model_args
 from deftlab.manifest import git_commit, hardware, package_versions
 from deftlab.models.registry import model_specs
 from deftlab.paths import configs_dir, experiments_dir

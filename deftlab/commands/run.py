@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 
 from deftlab.errors import DeftlabError
+from deftlab.experiments.registry import load_all, load_experiment
+from deftlab.experiments.runner import format_plan, plan, run_experiment
+from deftlab.experiments.tables import build_table
+from deftlab.store import ResultsStore
 
 
 def add_parser(sub, name):
@@ -28,9 +32,6 @@ def add_parser(sub, name):
 
 
 def _list(store) -> int:
-    from deftlab.experiments.registry import load_all
-    from deftlab.experiments.runner import plan
-
     exps = load_all()
     if not exps:
         raise DeftlabError("no experiments found", "set DEFTLAB_EXPERIMENTS or run from a deftlab checkout")
@@ -44,11 +45,6 @@ def _list(store) -> int:
 
 
 def run(args) -> int:
-    from deftlab.experiments.registry import load_experiment
-    from deftlab.experiments.runner import format_plan, plan, run_experiment
-    from deftlab.experiments.store import ResultsStore
-    from deftlab.experiments.tables import build_table
-
     store = ResultsStore(args.results)
     if args.list:
         return _list(store)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from deftlab.errors import DeftlabError
+from deftlab.store import ResultsStore
 
 
 def add_parser(sub, name):
@@ -23,8 +25,6 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from deftlab.errors import DeftlabError
-    from deftlab.experiments.store import ResultsStore
     from deftlab.experiments.sweep import (best_trial, describe, load_sweep, run_local, run_wandb, sweep_names,
                                            trial_spec, wandb_online)
 

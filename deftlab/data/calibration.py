@@ -13,6 +13,11 @@ import os
 import random
 from typing import Any, Callable, Sequence
 
+from deftlab.data.arithmetic import load_arith_train
+from deftlab.data.generated import generate_arith
+from deftlab.data.math import load_math
+from deftlab.data.text import load_c4_sample, load_wikitext2
+from deftlab.data.xsum import load_xsum
 from deftlab.errors import DeftlabError, UnknownNameError
 
 Formatter = Callable[[dict[str, Any]], str]
@@ -94,11 +99,6 @@ def calibration_texts(
     - ``generated``: ``generate_arith(n, seed)`` — no data needed.
     """
     # Imported here so that importing calibration does not pull every loader.
-    from deftlab.data.arithmetic import load_arith_train
-    from deftlab.data.generated import generate_arith
-    from deftlab.data.math import load_math
-    from deftlab.data.text import load_c4_sample, load_wikitext2
-    from deftlab.data.xsum import load_xsum
 
     if task == "arith":
         return sample_calibration(load_arith_train(data_dir), n, seed, formatter)

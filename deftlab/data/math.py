@@ -4,7 +4,7 @@
   "Level 3"; MATH-500 writes 3).
 - ``type`` is the subject ("Algebra", ...); MATH-500 calls it ``subject``, kept as both.
 - ``answer``: MATH-500 ships one; for the train/test splits it is the last ``\\boxed{}`` of the
-  solution (``deftlab.eval.answers.extract_boxed``).
+  solution (``deftlab.scoring.answers.extract_boxed``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from deftlab.data.source import HubLoader, HubSource, Record, Records, fetch, read_jsonl
 from deftlab.errors import MalformedDataError, UnknownNameError
-from deftlab.eval.answers import extract_boxed
+from deftlab.scoring.answers import extract_boxed
 
 MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra",

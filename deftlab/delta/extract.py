@@ -50,6 +50,7 @@ from deftlab.delta.codecs import (
     encode,
     relative_error,
 )
+from deftlab.delta.codecs import _value_dtype
 from deftlab.delta.storage import apply_delta, load_delta, save_delta
 from deftlab.errors import BudgetError, DataNotFoundError, DeftlabError, UnknownNameError
 from deftlab.linalg import thin_svd
@@ -63,7 +64,7 @@ EXTRAS_SUFFIX = ".extras.safetensors"
 # extraction
 
 
-def _module_of(model: Any) -> nn.Module:
+def module_of(model: Any) -> nn.Module:
     """The plain HF model inside a LoadedModel / PeftModel / plain module."""
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
@@ -166,7 +167,7 @@ def _scan(base: nn.Module, ft: nn.Module) -> Iterator[tuple[UpdateSpec, Any]]:
 
 def iter_updates(base_model: Any, finetuned_model: Any) -> Iterator[tuple[UpdateSpec, torch.Tensor]]:
     """(spec, ΔW float32 CPU) one module at a time, so callers can encode without holding every ΔW."""
-    base, ft = _module_of(base_model), _module_of(finetuned_model)
+    base, ft = module_of(base_model), module_of(finetuned_model)
     with torch.no_grad():
         for spec, thunk in _scan(base, ft):
             yield spec, thunk()
@@ -174,7 +175,7 @@ def iter_updates(base_model: Any, finetuned_model: Any) -> Iterator[tuple[Update
 
 def update_kinds(base_model: Any, finetuned_model: Any) -> dict[str, str]:
     """{module name: kind} of every module `extract_updates` reports (no ΔW computed)."""
-    base, ft = _module_of(base_model), _module_of(finetuned_model)
+    base, ft = module_of(base_model), module_of(finetuned_model)
     with torch.no_grad():
         return {spec.name: spec.kind for spec, _ in _scan(base, ft)}
 
@@ -194,7 +195,7 @@ def extract_extras(base_model: Any, finetuned_model: Any) -> dict[str, torch.Ten
     Names are the base model's parameter names; for LoRA/LowRankLinear modules the bias is compared as
     ``<module>.bias``. Parameters the base lacks are ignored.
     """
-    base, ft = _module_of(base_model), _module_of(finetuned_model)
+    base, ft = module_of(base_model), module_of(finetuned_model)
     base_params = dict(base.named_parameters())
     claimed = {spec.name: spec for spec, _ in _scan(base, ft)}
     covered = set()
@@ -235,7 +236,7 @@ def extract_extras(base_model: Any, finetuned_model: Any) -> dict[str, torch.Ten
 def gradient_batches(task, tokenizer, *, n_batches: int = 4, batch_size: int = 4, cutoff_len: int = 256,
                      seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """A few padded training batches ({input_ids, attention_mask, labels}, loss on responses) of `task`."""
-    from deftlab.train.datamodule import PaddingCollator, encode_example, pad_id_of
+    from deftlab.tasks.encoding import PaddingCollator, encode_example, pad_id_of
 
     if n_batches < 1 or batch_size < 1:
         raise DeftlabError(f"gradient batches {n_batches}×{batch_size} is empty", "use at least 1×1")
@@ -261,7 +262,7 @@ def task_gradients(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], na
     """
     from deftlab.train.module import masked_lm_loss
 
-    net = _module_of(model)
+    net = module_of(model)
     names = list(dict.fromkeys(names))
     batches = list(batches)
     if not batches:
@@ -310,7 +311,7 @@ def gradients_at(base_model: Any, updates: Mapping[str, torch.Tensor], batches, 
         raise UnknownNameError("gradient point", grad_at, GRAD_AT)
     if grad_at == "none":
         return None
-    net = _module_of(base_model)
+    net = module_of(base_model)
     shift: dict[str, torch.Tensor] = {}
     if grad_at == "finetuned":
         shift = dict(updates)
@@ -337,8 +338,6 @@ def gradients_at(base_model: Any, updates: Mapping[str, torch.Tensor], batches, 
 
 
 def _vdt(value_dtype: str | torch.dtype) -> torch.dtype:
-    from deftlab.delta.codecs import _value_dtype
-
     return _value_dtype(value_dtype)
 
 
@@ -471,26 +470,7 @@ def compress_updates(updates: Mapping[str, torch.Tensor], codec: str, budget: An
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# runs: export and apply
-
-
-def load_finetuned_run(run_dir: str | os.PathLike):
-    """(lm, model) of a finished fine-tuning run (deftlab.train.pipeline.load_finetuned)."""
-    try:
-        from deftlab.train.pipeline import load_finetuned
-    except ImportError as e:
-        raise DeftlabError("loading a fine-tuned run needs deftlab.train.pipeline, which is not in this build",
-                           "update deftlab") from e
-    return load_finetuned(run_dir)
-
-
-def load_base_for(lm: Any, finetuned_model: Any, device: str | None = None):
-    """A fresh copy of the dense base model of a run (same name, same dtype as the fine-tuned embeddings)."""
-    from deftlab.models import load_model
-
-    emb = _module_of(finetuned_model).get_input_embeddings().weight
-    dtype = str(emb.dtype).removeprefix("torch.")
-    return load_model(lm.spec.name, dtype=dtype, device=device or _device_of(finetuned_model))
+# export and apply
 
 
 def extras_path(path: str | os.PathLike) -> Path:
@@ -523,7 +503,7 @@ def export_updates(base_lm: Any, finetuned_model: Any, codec: str, budget: Any, 
         raise DeftlabError("budget 'full' stores nothing compressed", "give a fraction ('2%') or a byte count")
     if grad_at not in GRAD_AT:
         raise UnknownNameError("gradient point", grad_at, GRAD_AT)
-    base = _module_of(base_lm)
+    base = module_of(base_lm)
     kinds = update_kinds(base, finetuned_model)
     updates = extract_updates(base, finetuned_model)
     extras = extract_extras(base, finetuned_model)
@@ -565,69 +545,6 @@ def export_updates(base_lm: Any, finetuned_model: Any, codec: str, budget: Any, 
     return ExportReport(out_path, stats, sorted(extras), extra_nbytes, meta)
 
 
-def run_config(run_dir: str | os.PathLike) -> dict:
-    """The resolved fine-tuning config of a run (finetune_config.json "config"; {} when there is none)."""
-    p = Path(run_dir) / "finetune_config.json"
-    try:
-        saved = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return saved.get("config", saved) if isinstance(saved, dict) else {}
-
-
-def run_task(run_dir: str | os.PathLike, name: str | None = None):
-    """The run's task exactly as fine-tuning built it (data_dir, task options), or task `name` if it differs."""
-    from deftlab.tasks import get_task
-
-    cfg = run_config(run_dir)
-    name = name or cfg.get("task")
-    if not name:
-        raise DeftlabError(f"{run_dir}/finetune_config.json names no task", "pass the task explicitly (--task)")
-    if cfg.get("task") == name:
-        try:
-            from deftlab.config import from_dict
-            from deftlab.train.pipeline import FinetuneConfig
-
-            return from_dict(FinetuneConfig, cfg).make_task()
-        except ImportError:
-            pass
-    return get_task(name)
-
-
-def _device_of(model: Any) -> str:
-    try:
-        return str(next(_module_of(model).parameters()).device)
-    except StopIteration:
-        return "cpu"
-
-
-def export_run(run_dir: str | os.PathLike, codec: str, budget: Any, out_path: str | os.PathLike | None = None, *,
-               grad_at: str = "base", grad_batches: int = 4, grad_batch_size: int = 4, cutoff_len: int = 256,
-               task: str | None = None, value_dtype: str = "float32", device: str | None = None,
-               codec_options: Mapping[str, Any] | None = None) -> ExportReport:
-    """load_finetuned → extract ΔW → (task gradients for osd) → encode per matrix → save_delta.
-
-    `out_path` defaults to <run_dir>/delta-<codec>-<budget>.safetensors. The task for gradients is the run's
-    (finetune_config.json "task") unless `task` names another. The base model is loaded on `device` (default:
-    where the fine-tuned model is).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataNotFoundError(f"run directory {run_dir} not found", "pass a finished fine-tuning run's directory")
-    lm, ft = load_finetuned_run(run_dir)
-    base_lm = load_base_for(lm, ft, device=device or _device_of(ft))
-    cfg = run_config(run_dir)
-    batches = None
-    if codec == "osd" and grad_at != "none":
-        batches = gradient_batches(run_task(run_dir, task), base_lm.tokenizer, n_batches=grad_batches,
-                                   batch_size=grad_batch_size, cutoff_len=cutoff_len)
-    tag = str(budget).replace("%", "pct").replace("/", "_")
-    out = Path(out_path) if out_path else run_dir / f"delta-{codec}-{tag}.safetensors"
-    meta = {"run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "task": task or cfg.get("task")}
-    return export_updates(base_lm, ft, codec, budget, out, batches=batches, grad_at=grad_at,
-                          value_dtype=value_dtype, codec_options=codec_options, metadata=meta)
-
-
 def apply_stored(base_model: Any, path: str | os.PathLike, *, check_fingerprint: bool = True
                  ) -> tuple[nn.Module, dict]:
     """Add a stored delta file (and its extras companion, if any) to `base_model` in place (sign +1).
@@ -640,7 +557,7 @@ def apply_stored(base_model: Any, path: str | os.PathLike, *, check_fingerprint:
     if check_fingerprint and fp and hasattr(base_model, "fingerprint") and base_model.fingerprint != fp:
         raise DeftlabError(f"{path} was exported against base weights {fp}, not {base_model.fingerprint}",
                            f"load the base model '{meta.get('base_model')}' it was fine-tuned from")
-    net = _module_of(base_model)
+    net = module_of(base_model)
     extras = {}
     if meta.get("extras_file"):
         ep = Path(path).with_name(meta["extras_file"])

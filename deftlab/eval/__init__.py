@@ -1,1 +1,1 @@
-"""Evaluation metrics: answer extraction and equivalence, ROUGE, train/test overlap."""
+"""Evaluation of a model in memory: greedy generation on a task's test sets, perplexity on named corpora."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from deftlab.errors import DeftlabError
 from deftlab.manifest import write_json_atomic
-from deftlab.train.datamodule import encode_example, encode_prompt, pad_id_of
+from deftlab.tasks.encoding import encode_example, encode_prompt, pad_id_of
 
 
 def _model_device(model) -> torch.device:
@@ -245,15 +245,26 @@ def evaluate_task(model, tokenizer, task, dataset_name: str, *, limit: int | Non
 
 def evaluate_sets(model, tokenizer, task, out_dir: str | os.PathLike, *, eval_sets: Sequence[str] | None = None,
                   limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
-                  cutoff_len: int = 1024, progress: bool = True) -> dict[str, dict]:
+                  cutoff_len: int = 1024, progress: bool = True, reuse: bool = False) -> dict[str, dict]:
     """`evaluate_task` on every eval set (default: the task's), plus <out_dir>/metrics.json with all of them.
 
-    Arguments map onto a preset's eval_sets, eval_limit, eval_batch_size and max_new_tokens.
+    reuse=True keeps each set whose <set>.metrics.json an earlier attempt wrote into `out_dir` (a resumed run
+    evaluates only the sets it had not finished). Arguments map onto a training profile's eval_sets,
+    eval_limit, eval_batch_size, max_new_tokens and cutoff_len.
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in eval_sets or task.default_eval_sets:
+        path = out_dir / f"{name}.metrics.json"
+        if reuse and path.is_file():
+            try:
+                results[name] = json.loads(path.read_text())
+                continue
+            except json.JSONDecodeError:
+                pass  # a torn write cannot happen (atomic), but an edited file can: evaluate again
         results[name] = evaluate_task(model, tokenizer, task, name, limit=limit, batch_size=batch_size,
                                       out_dir=out_dir, max_new_tokens=max_new_tokens, cutoff_len=cutoff_len,
                                       progress=progress)
-    write_json_atomic(Path(out_dir) / "metrics.json", results)
+    write_json_atomic(out_dir / "metrics.json", results)
     return results

@@ -7,14 +7,36 @@ A non-finite loss raises instead of being dropped (SVD-LLM silently drops such b
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from deftlab.errors import DeftlabError
+from deftlab.eval.corpora import corpus_text
+from deftlab.manifest import write_json_atomic
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    """ppl: the corpora (deftlab.eval.corpora) whose perplexity a run reports as ppl_<corpus>; ppl_max_tokens:
+    evaluate only that many leading tokens (None: all); ppl_seqlen: window length; ppl_batch_size: windows per
+    forward pass."""
+
+    ppl: tuple[str, ...] = ()
+    ppl_max_tokens: int | None = 8192
+    ppl_seqlen: int = 2048
+    ppl_batch_size: int = 1
+
+    def validate(self) -> None:
+        for name in ("ppl_max_tokens", "ppl_seqlen", "ppl_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise DeftlabError(f"{name} must be positive, got {v}", f"set {name} above 0, or leave it unset")
 
 
 @dataclass
@@ -72,3 +94,28 @@ def perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, batch_size
     nll = nll_sum / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=n_windows, seqlen=seqlen,
                             total_tokens=total, prefix=n_windows * seqlen < total, seconds=time.time() - t0)
+
+
+def corpus_perplexities(model, tokenizer, cfg: PerplexityConfig, *, data_dir=None, progress: bool = True,
+                        record: Path | None = None, corpora=None) -> dict:
+    """ppl_<corpus>, ppl_<corpus>_tokens, ppl_<corpus>_prefix for each of cfg.ppl (or `corpora`).
+
+    With `record` (a JSON file in the run directory) corpora already measured there are reused and new ones added,
+    so a resumed run does not measure them again."""
+    corpora = list(cfg.ppl if corpora is None else corpora)
+    out: dict = {}
+    if record is not None and record.is_file():
+        try:
+            out = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            out = {}
+    for corpus in corpora:
+        if f"ppl_{corpus}" in out:
+            continue
+        ids = tokenize_corpus(tokenizer, corpus_text(corpus, data_dir))
+        r = perplexity(model, ids, seqlen=cfg.ppl_seqlen, batch_size=cfg.ppl_batch_size,
+                       max_tokens=cfg.ppl_max_tokens, progress=progress, desc=f"ppl {corpus}")
+        out.update({f"ppl_{corpus}": r.ppl, f"ppl_{corpus}_tokens": r.tokens, f"ppl_{corpus}_prefix": r.prefix})
+        if record is not None:
+            write_json_atomic(record, out)
+    return {k: v for k, v in out.items() if any(k == f"ppl_{c}" or k.startswith(f"ppl_{c}_") for c in corpora)}

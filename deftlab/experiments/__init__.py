@@ -10,8 +10,8 @@
 from deftlab.experiments.kinds import get_kind, known_kinds, register_kind, unregister_kind
 from deftlab.experiments.registry import Experiment, experiment_names, load_all, load_experiment
 from deftlab.experiments.runner import RunFailedError, RunSpec, execute, expand, plan, run_experiment
-from deftlab.experiments.store import ResultsStore, run_key
 from deftlab.experiments.tables import build_table
+from deftlab.store import ResultsStore, run_key
 
 __all__ = [
     "Experiment", "ResultsStore", "RunFailedError", "RunSpec", "build_table", "execute", "expand",

@@ -20,8 +20,8 @@ from typing import Any
 from deftlab.errors import DeftlabError
 from deftlab.experiments.registry import Experiment, load_experiment, paper_figures_dir
 from deftlab.experiments.runner import records_for
-from deftlab.experiments.store import ResultsStore
 from deftlab.experiments.tables import _display, metric_value
+from deftlab.store import ResultsStore
 
 
 def _scalar(v: Any) -> bool:

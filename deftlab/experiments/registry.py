@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from deftlab.config import ConfigError, from_dict, load_yaml
 from deftlab.errors import UnknownNameError
+from deftlab.experiments.kinds import get_kind
 from deftlab.paths import REPO_ROOT, experiments_dir
 
 PRESETS = ("smoke", "cpu-small", "gpu", "paper")
@@ -148,8 +149,6 @@ class Experiment:
     path: str | None = None  # set by the loader
 
     def validate(self) -> None:
-        from deftlab.experiments.kinds import get_kind
-
         if not _NAME_RE.match(self.name):
             raise ConfigError(f"experiment name {self.name!r} is not a lowercase slug", "use e.g. 'table1'")
         get_kind(self.kind)

@@ -1,15 +1,19 @@
 """Expand an experiment × preset into runs and execute only the ones the results store lacks.
 
-Each run is a `RunSpec` (kind, resolved params, key = hash of both). Execution writes into an in-flight directory
-that is renamed into place on success, so a crash loses at most the run in flight; a failed run is kept aside with
-its traceback and never replaces a recorded result. Re-running the same command resumes where it stopped.
+Each run is a `RunSpec` (kind, resolved params, key = hash of both). Execution claims the run's in-flight
+directory with a lease (deftlab.store.lease) and the store renames it into place on success. A run another live
+process holds is left to it (and waited for at the end); an interrupted run (its lease stale) is resumed inside
+its own directory, so a fine-tuning run continues from its last checkpoint. A failed run is kept aside with its
+traceback and never replaces a recorded result. Re-running the same command resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +23,7 @@ from deftlab.config import ConfigError
 from deftlab.errors import DeftlabError
 from deftlab.experiments.kinds import get_kind
 from deftlab.experiments.registry import Experiment, deep_merge
-from deftlab.experiments.store import ResultsStore, run_key
-from deftlab.manifest import build_manifest
+from deftlab.store import LeaseLostError, ResultsStore, RunInProgressError, run_key
 
 _TEMPLATE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -229,6 +232,7 @@ class RunReport:
     ran: list[RunSpec] = field(default_factory=list)
     skipped: list[RunSpec] = field(default_factory=list)
     failed: list[tuple[RunSpec, str]] = field(default_factory=list)
+    busy: list[RunSpec] = field(default_factory=list)  # held by other processes (run_experiment with wait=False)
 
 
 def _call_params(spec: RunSpec, store: ResultsStore) -> dict:
@@ -243,66 +247,98 @@ def _call_params(spec: RunSpec, store: ResultsStore) -> dict:
     return params
 
 
-def _seed_of(spec: RunSpec) -> int | None:
-    """The run's seed: its `seed` param, else the seed of the training preset file it names."""
+def _seed_of(spec: RunSpec, config: dict | None) -> int | None:
+    """The run's seed: its `seed` param, else the one its resolved config holds (e.g. the training profile's)."""
     if "seed" in spec.params:
         return spec.params["seed"]
-    if spec.fingerprint.get("preset_config"):
-        from deftlab.config import load_yaml
-        from deftlab.paths import configs_dir
+    config = config or {}
+    return config.get("seed", (config.get("training_profile") or {}).get("seed"))
 
-        try:
-            return load_yaml(configs_dir() / "presets" / f"{spec.params['preset']}.yaml").get("seed")
-        except DeftlabError:
-            return None
-    return None
+
+def _command() -> str:
+    return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
 
 
 def execute(spec: RunSpec, store: ResultsStore, *, force: bool = False,
-            progress: Callable[[str], None] | None = None) -> dict:
-    """Record one run (its dependencies first) unless it is already recorded; returns the record."""
+            progress: Callable[[str], None] | None = None, options: dict | None = None) -> dict:
+    """Record one run (its dependencies first) unless it is already recorded; returns the record.
+
+    `options` are keyword arguments for the run function that do not change what it computes (progress bars,
+    W&B mode). Raises RunInProgressError when another live process holds the run (or a dependency)."""
     say = progress or (lambda _m: None)
     for dep in spec.refs.values():
         execute(dep, store, force=False, progress=progress)
     state = store.status(spec.kind, spec.key)
     if state.state == "done" and not force:
         return store.load(spec.kind, spec.key)  # type: ignore[return-value]
+    kind = get_kind(spec.kind)
+    fn = kind.resolve()
+    params = _call_params(spec, store)
+    config = kind.resolved_config(params)  # validates the params before anything is claimed
+    lease = store.claim(spec.kind, spec.key)
+    if lease.attempt > 1:
+        say(f"  resuming {spec.ref} in place (attempt {lease.attempt})")
     if state.state == "corrupt":
         moved = store.set_aside(spec.kind, spec.key, "corrupt")
         say(f"warning: {spec.ref}: record.json is unreadable ({state.detail}); moved it aside to {moved} "
             "and re-running")
-    fn = get_kind(spec.kind).resolve()
-    params = _call_params(spec, store)
-    config = {"kind": spec.kind, "params": spec.params, "labels": spec.labels, "experiment": spec.experiment,
-              "preset": spec.preset, "fingerprint": spec.fingerprint}
-    partial = store.begin(spec.kind, spec.key)
     started = time.time()
     try:
-        metrics = fn(params, partial)
+        metrics = fn(params, lease.run_dir, **(options or {}))
         if not isinstance(metrics, dict):
             raise TypeError(f"run function of kind '{spec.kind}' returned {type(metrics).__name__}, not a dict")
-        manifest = build_manifest(config, _seed_of(spec), extra={"run": spec.ref})
-        finished = time.time()
-        artifacts = sorted(str(p.relative_to(partial)) for p in partial.rglob("*")
-                           if p.is_file() and not p.name.startswith("."))
-        record = {"key": spec.key, "kind": spec.kind, "params": spec.params, "metrics": metrics,
-                  "status": "ok", "experiment": spec.experiment, "preset": spec.preset, "labels": spec.labels,
-                  "refs": {k: d.ref for k, d in spec.refs.items()}, "fingerprint": spec.fingerprint,
-                  "started_at": manifest["created_at"], "duration_s": round(finished - started, 3),
-                  "artifacts": artifacts, "manifest": manifest}
-        store.commit(spec.kind, spec.key, partial, record, manifest)
-    except BaseException as e:  # KeyboardInterrupt too: keep what the run wrote, then re-raise
-        where = store.fail(spec.kind, spec.key, partial, e, {"config": config, "error": repr(e)})
+        origin = {"experiment": spec.experiment, "preset": spec.preset, "labels": spec.labels,
+                  "command": _command()}
+        return store.commit(spec.kind, spec.key, lease, params=spec.params, metrics=metrics, config=config,
+                            fingerprint=spec.fingerprint, refs={k: d.ref for k, d in spec.refs.items()},
+                            origin=origin, seed=_seed_of(spec, config), started=started)
+    except (KeyboardInterrupt, SystemExit):
+        lease.release()  # keep the directory: the next run resumes it
+        raise
+    except LeaseLostError:
+        lease.stop()  # the directory is another process's now: leave it to that process
+        raise
+    except BaseException as e:
+        where = store.fail(spec.kind, spec.key, lease, e, {"kind": spec.kind, "params": spec.params,
+                                                           "error": repr(e)})
         if isinstance(e, Exception):
             raise RunFailedError(f"run {spec.ref} failed: {type(e).__name__}: {e} (details in {where})",
                                  "fix the cause and re-run; recorded runs are kept") from e
         raise
-    return record
+
+
+POLL_ENV = "DEFTLAB_POLL_S"
+
+
+def _poll_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get(POLL_ENV, "10")))
+    except ValueError:
+        return 10.0
+
+
+def execute_waiting(spec: RunSpec, store: ResultsStore, *, force: bool = False,
+                    progress: Callable[[str], None] | None = None, options: dict | None = None) -> dict:
+    """`execute`, waiting (polling every DEFTLAB_POLL_S s) while another live process holds the run: returns its
+    record once that process has recorded it, or runs it here once that process's lease is stale."""
+    say = progress or (lambda _m: None)
+    while True:
+        try:
+            return execute(spec, store, force=force, progress=progress, options=options)
+        except RunInProgressError as e:
+            say(f"  {e}; waiting for it")
+            time.sleep(_poll_interval())
+            if store.status(spec.kind, spec.key).state == "done":
+                return store.load(spec.kind, spec.key)  # type: ignore[return-value]
 
 
 def run_experiment(exp: Experiment, preset: str | None, store: ResultsStore, *, force: bool = False,
-                   keep_going: bool = False, progress: Callable[[str], None] | None = None) -> RunReport:
-    """Run what is missing (everything with force=True); stop at the first failure unless keep_going."""
+                   keep_going: bool = False, progress: Callable[[str], None] | None = None,
+                   wait: bool = True) -> RunReport:
+    """Run what is missing (everything with force=True); stop at the first failure unless keep_going.
+
+    Runs another live process holds are skipped at first; with `wait` they are polled (every DEFTLAB_POLL_S
+    seconds) until they are recorded, or until their lease goes stale, when this process takes them over."""
     preset = preset or exp.default_preset
     say = progress or (lambda _m: None)
     report = RunReport()
@@ -312,20 +348,42 @@ def run_experiment(exp: Experiment, preset: str | None, store: ResultsStore, *, 
     for it in items:
         if it not in todo:
             report.skipped.append(it.spec)
-    for i, it in enumerate(todo, 1):
-        spec = it.spec
-        say(f"[{i}/{len(todo)}] {spec.ref} {spec.describe(80)}")
-        t0 = time.time()
-        try:
-            execute(spec, store, force=force and spec.ref in top, progress=say)
-        except DeftlabError as e:  # a failed run, or a kind that cannot run here (missing module)
-            report.failed.append((spec, str(e)))
-            say(f"  failed: {e}")
-            if not keep_going:
-                raise
-            continue
-        report.ran.append(spec)
-        say(f"  done in {time.time() - t0:.1f} s")
+    queue = [(i, it.spec) for i, it in enumerate(todo, 1)]
+    while queue:
+        deferred = []
+        for i, spec in queue:
+            say(f"[{i}/{len(todo)}] {spec.ref} {spec.describe(80)}")
+            t0 = time.time()
+            before = store.status(spec.kind, spec.key).state
+            try:
+                execute(spec, store, force=force and spec.ref in top and before == "done", progress=say)
+            except RunInProgressError as e:
+                say(f"  {e}; doing the other runs first")
+                deferred.append((i, spec))
+                continue
+            except DeftlabError as e:  # a failed run, or a kind that cannot run here (missing module)
+                report.failed.append((spec, str(e)))
+                say(f"  failed: {e}")
+                if not keep_going:
+                    raise
+                continue
+            report.ran.append(spec)
+            say(f"  done in {time.time() - t0:.1f} s")
+        if deferred and not wait:
+            report.busy = [s for _, s in deferred]
+            break
+        if deferred:
+            time.sleep(_poll_interval())
+            # runs another process finished meanwhile are done: skip them, keep waiting for the rest
+            queue = []
+            for i, spec in deferred:
+                if store.status(spec.kind, spec.key).state == "done":
+                    say(f"[{i}/{len(todo)}] {spec.ref} recorded by another process")
+                    report.skipped.append(spec)
+                else:
+                    queue.append((i, spec))
+        else:
+            queue = []
     return report
 
 

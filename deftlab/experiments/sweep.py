@@ -26,9 +26,10 @@ from typing import Any, Callable
 from deftlab.config import ConfigError, load_yaml
 from deftlab.errors import DeftlabError, UnknownNameError
 from deftlab.experiments.registry import deep_merge, load_experiment
-from deftlab.experiments.runner import RunSpec, execute, make_spec
-from deftlab.experiments.store import ResultsStore
+from deftlab.experiments.runner import RunSpec, execute_waiting, make_spec
+from deftlab.experiments.tables import metric_value
 from deftlab.paths import configs_dir
+from deftlab.store import ResultsStore
 
 SWEEP_METHODS = ("grid", "random", "bayes")
 
@@ -151,7 +152,7 @@ def run_local(sweep: Sweep, store: ResultsStore, *, keep_going: bool = True, lim
         state = store.status(spec.kind, spec.key).state
         say(f"[{i}/{len(trials)}] {spec.ref} {values} ({'recorded' if state == 'done' else 'running'})")
         try:
-            out.append((spec, execute(spec, store, progress=say)))
+            out.append((spec, execute_waiting(spec, store, progress=say)))
         except DeftlabError as e:  # a failed trial, or a kind that cannot run here
             say(f"  failed: {e}")
             out.append((spec, None))
@@ -175,7 +176,7 @@ def run_wandb(sweep: Sweep, store: ResultsStore, *, count: int | None = None, sw
         try:
             values = dict(run.config)
             spec = trial_spec(sweep, values)
-            record = execute(spec, store, progress=say)
+            record = execute_waiting(spec, store, progress=say)
             metrics = {k: v for k, v in record["metrics"].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.summary.update({"deftlab_run": spec.ref, **metrics})
@@ -189,8 +190,6 @@ def run_wandb(sweep: Sweep, store: ResultsStore, *, count: int | None = None, sw
 
 def best_trial(results: list[tuple[RunSpec, dict | None]], metric: str, goal: str = "maximize"):
     """The recorded trial with the best value of `metric` (None if none has it)."""
-    from deftlab.experiments.tables import metric_value
-
     scored = [(metric_value(rec["metrics"], metric), spec, rec) for spec, rec in results if rec]
     scored = [s for s in scored if s[0] is not None]
     if not scored:

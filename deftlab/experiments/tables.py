@@ -2,8 +2,9 @@
 
 Every measured cell is shown beside the paper's number and the difference, e.g. "12.30 (paper 14.10, −1.80)".
 A run that is not recorded is shown as "missing" (never filled in or interpolated); a recorded run without the
-metric is shown as "—". Header notes say which preset and model produced the numbers, which evaluation subsets
-were used (from the runs' params and metrics), and where the paper's numbers come from.
+metric is shown as "—". Every row names the runs behind it (the `run` column: store keys, `deftlab show KEY`).
+Header notes say which preset and model produced the numbers, which sets, subsets and tokens the runs used (from
+the records' resolved configs), which git commits the records came from, and where the paper's numbers come from.
 """
 
 from __future__ import annotations
@@ -16,16 +17,23 @@ from typing import Any
 
 from deftlab.experiments.registry import ColumnSpec, Experiment, paper_figures_dir
 from deftlab.experiments.runner import RunSpec, records_for
-from deftlab.experiments.store import ResultsStore
 from deftlab.manifest import write_json_atomic
+from deftlab.store import ResultsStore
 
 MISSING = "missing"
 NO_METRIC = "—"
 NOT_PLANNED = "n/a"
 LEGEND = (f"Cells: '{MISSING}' = a planned run that is not recorded; '{NO_METRIC}' = recorded, but the run did not "
           f"report this metric; '{NOT_PLANNED}' = no run of this preset's grid belongs here")
-# params that limit what was evaluated; summarised in the header notes when a run has them
-SUBSET_PARAMS = ("ppl_max_tokens", "eval_limit", "train_limit", "calib_n", "max_steps")
+# resolved-config entries (dotted paths) that say what a run used; summarised in the header notes
+CONFIG_NOTES = (("eval_sets", "evaluation sets"), ("eval_limit", "problems per set (eval_limit)"),
+                ("train_limit", "training examples (train_limit)"), ("epochs", "epochs"),
+                ("max_steps", "max_steps"), ("max_new_tokens", "max_new_tokens"),
+                ("perplexity.ppl", "perplexity corpora"), ("perplexity.ppl_max_tokens", "perplexity tokens"),
+                ("decomposition.calib", "calibration data"), ("decomposition.calib_n", "calibration examples"),
+                ("training_profile.name", "training profile"))
+# what a record without a resolved config (or a kind that records none) used, from its params
+SUBSET_PARAMS = ("ppl_max_tokens", "eval_limit", "eval_sets", "train_limit", "calib_n", "max_steps")
 
 
 def metric_value(metrics: dict, name: str) -> float | None:
@@ -81,6 +89,7 @@ class Cell:
     n_expected: int = 0
     paper: float | None = None
     paper_source: str | None = None
+    runs: tuple[str, ...] = ()  # store keys of the recorded runs behind the cell
 
     @property
     def delta(self) -> float | None:
@@ -121,9 +130,15 @@ class TableResult:
     missing: int = 0
     expected: int = 0
 
+    def row_runs(self, row: list[Cell]) -> str:
+        """The keys of the runs behind a row, in plan order, e.g. "4446c92c6ee8 0c1d2e3f4a5b"."""
+        keys = list(dict.fromkeys(k for c in row for k in c.runs))
+        return " ".join(keys) if keys else MISSING
+
     def markdown(self) -> str:
-        header = [self.row_header] + self.column_labels
-        body = [[label] + [c.text() for c in row] for label, row in zip(self.row_labels, self.cells)]
+        header = [self.row_header] + self.column_labels + ["run"]
+        body = [[label] + [c.text() for c in row] + [self.row_runs(row)]
+                for label, row in zip(self.row_labels, self.cells)]
         lines = [f"### {self.title} [{self.preset}]", ""]
         lines += [f"- {n}" for n in self.notes]
         lines.append("")
@@ -138,10 +153,12 @@ class TableResult:
         lines += [f"% {n}" for n in self.notes]
         lines += ["\\begin{table}[t]", "\\centering", "\\small",
                   f"\\caption{{{_tex(self.title)} (preset \\texttt{{{_tex(self.preset)}}})}}",
-                  "\\begin{tabular}{l" + "c" * ncol + "}", "\\toprule",
-                  " & ".join(_tex(h) for h in [self.row_header] + self.column_labels) + " \\\\", "\\midrule"]
+                  "\\begin{tabular}{l" + "c" * ncol + "l}", "\\toprule",
+                  " & ".join(_tex(h) for h in [self.row_header] + self.column_labels + ["run"]) + " \\\\",
+                  "\\midrule"]
         for label, row in zip(self.row_labels, self.cells):
-            lines.append(" & ".join([_tex(label)] + [_tex(c.text()) for c in row]) + " \\\\")
+            lines.append(" & ".join([_tex(label)] + [_tex(c.text()) for c in row]
+                                    + ["\\texttt{" + _tex(self.row_runs(row)) + "}"]) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
         return "\n".join(lines) + "\n"
 
@@ -155,7 +172,7 @@ class TableResult:
                 rows.append({"row": label, "column": col_label, "metric": c.column.metric,
                              "pivot": c.pivot, "ours": c.ours, "std": c.std, "n_runs": c.n_runs,
                              "n_expected": c.n_expected, "paper": c.paper, "delta": c.delta,
-                             "paper_source": c.paper_source, "cell": c.text()})
+                             "paper_source": c.paper_source, "cell": c.text(), "run": " ".join(c.runs)})
         return pd.DataFrame(rows)
 
     def display_frame(self):
@@ -264,7 +281,8 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
             recs = [r for r in unique_runs.values() if r is not None]
             vals = [metric_value(r["metrics"], c.metric) for r in recs]
             vals = [_display(c, v) for v in vals if v is not None]
-            cell = Cell(rk, pv, c, n_runs=len(recs), n_expected=len(unique_runs))
+            cell = Cell(rk, pv, c, n_runs=len(recs), n_expected=len(unique_runs),
+                        runs=tuple(r["key"] for r in recs))
             if vals:
                 cell.ours = statistics.fmean(vals)
                 cell.std = statistics.stdev(vals) if len(vals) > 1 else None
@@ -286,19 +304,53 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
                        col_labels, cells, notes, missing, len(distinct))
 
 
-PRESET_SUBSET_KEYS = ("train_limit", "eval_limit", "eval_sets", "epochs", "max_steps", "max_new_tokens")
+def _dotted(data: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
-def _preset_subsets(name: str) -> str:
-    """The subset-limiting settings of a training preset file, e.g. "train_limit=320, eval_limit=50"."""
-    from deftlab.config import ConfigError, load_yaml
-    from deftlab.paths import configs_dir
+def _value_text(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v)) if v else "none"
+    return str(v)
 
-    try:
-        data = load_yaml(configs_dir() / "presets" / f"{name}.yaml")
-    except ConfigError:
-        return ""
-    return ", ".join(f"{k}={data[k]}" for k in PRESET_SUBSET_KEYS if k in data)
+
+def config_notes(records: list[dict]) -> list[str]:
+    """What the recorded runs used, from their resolved configs (params where a record has no config)."""
+    parts = []
+    with_config = [r for r in records if isinstance(r.get("config"), dict)]
+    for path, label in CONFIG_NOTES:
+        vals = [_value_text(v) for r in with_config if (v := _dotted(r["config"], path)) is not None]
+        if vals:
+            parts.append(f"{label} = {_summarise(vals)}"
+                         + (f" ({len(vals)} of {len(records)} runs)" if len(vals) < len(records) else ""))
+    notes = [f"Runs used (their records' resolved configs): {'; '.join(parts)}"] if parts else []
+    bare = [r for r in records if not isinstance(r.get("config"), dict)]
+    parts = []
+    for name in SUBSET_PARAMS:
+        vals = [_value_text(r["params"][name]) for r in bare if name in (r.get("params") or {})]
+        if vals:
+            parts.append(f"{name} = {_summarise(vals)}")
+    if parts:
+        notes.append(f"Runs used ({len(bare)} runs' params; their records hold no resolved config): "
+                     + "; ".join(parts))
+    return notes
+
+
+def commit_note(records: list[dict]) -> str | None:
+    """Which git commits the records came from, e.g. "Records: 12 runs from git commits 7595a64 (10), ..."."""
+    counts: dict[str, int] = {}
+    for r in records:
+        c = (r.get("manifest") or {}).get("git_commit") or "unknown"
+        c = c[:7] + ("+dirty" if c.endswith("+dirty") else "") if c != "unknown" else c
+        counts[c] = counts.get(c, 0) + 1
+    if not counts:
+        return None
+    parts = [f"{c} ({n})" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return f"Records: {len(records)} runs from git commit(s) {', '.join(parts)}; `deftlab show KEY` prints one"
 
 
 def table_notes(exp: Experiment, preset: str, pairs: list[tuple[RunSpec, dict | None]], n_runs: int,
@@ -311,16 +363,11 @@ def table_notes(exp: Experiment, preset: str, pairs: list[tuple[RunSpec, dict | 
     models = sorted({str(s.params.get("model")) for s, _ in pairs if s.params.get("model") is not None})
     if models:
         notes.append("Model: " + ", ".join(models))
-    for name in SUBSET_PARAMS:
-        vals = [s.params.get(name) for s, _ in pairs if name in s.params]
-        if vals:
-            notes.append(f"Subset: {name} = {_summarise(vals)}")
-    presets = sorted({str(s.params["preset"]) for s, _ in pairs if s.fingerprint.get("preset_config")})
-    for name in presets:
-        summary = _preset_subsets(name)
-        if summary:
-            notes.append(f"Training/evaluation preset '{name}' (configs/presets/{name}.yaml): {summary}")
-    recorded = [rec for _, rec in pairs if rec is not None]
+    recorded = list({rec["key"]: rec for _, rec in pairs if rec is not None}.values())
+    notes += config_notes(recorded)
+    commits = commit_note(recorded)
+    if commits:
+        notes.append(commits)
     for name in t.note_metrics:
         vals = [rec["metrics"].get(name) for rec in recorded if rec["metrics"].get(name) is not None]
         if vals:

@@ -24,6 +24,7 @@ import torch
 from deftlab.checksums import file_sha256
 from deftlab.errors import DeftlabError
 from deftlab.models.registry import ModelSpec, get_spec, model_specs
+from deftlab.models.tiny import TinyTokenizer, tiny_llama
 from deftlab.settings import cache_dir, hub_offline
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,6 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
     torch_dtype = _DTYPES[dtype_name]
 
     if spec.source == "tiny":
-        from deftlab.models.tiny import TinyTokenizer, tiny_llama
-
         return LoadedModel(model=tiny_llama(seed=0).to(torch_dtype), tokenizer=TinyTokenizer(), spec=spec,
                            checkpoint_dir=None, fingerprint="tiny:seed0")
     if spec.source == "gguf_package":

@@ -1,6 +1,6 @@
-"""Model surgery: low-rank modules, in-place replacement by name, 4-bit storage, checkpoints, parameter counts."""
+"""Model surgery: low-rank modules, in-place replacement by name, DeFT tails folded back, 4-bit storage, selective
+loading from safetensors, parameter counts. Saving/loading a decomposed model with its adapter: deftlab.adapters."""
 
-from deftlab.surgery.checkpoint import load_decomposed_checkpoint, read_rank_map, save_decomposed
 from deftlab.surgery.lowrank import LowRankLinear
 from deftlab.surgery.params import count_params
 from deftlab.surgery.quantize import (
@@ -26,12 +26,9 @@ __all__ = [
     "check_4bit_support",
     "count_params",
     "load_decomposed",
-    "load_decomposed_checkpoint",
     "plan_module",
     "quantize_dense_linears",
     "quantize_for_qlora",
     "quantize_lowrank",
-    "read_rank_map",
     "replace_linears",
-    "save_decomposed",
 ]

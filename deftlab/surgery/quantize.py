@@ -27,6 +27,7 @@ from torch import nn
 
 from deftlab.errors import DeftlabError
 from deftlab.surgery.lowrank import LowRankLinear
+from deftlab.surgery.replace import get_parent
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -196,8 +197,6 @@ def quantize_dense_linears(
     Sets `model.is_loaded_in_4bit = True`, the flag HF sets for bnb-4bit models; PEFT reads it to wrap
     Linear4bit targets with its bnb-aware LoRA layer (correct dequantise/requantise merges).
     """
-    from deftlab.surgery.replace import get_parent
-
     skip = tuple(skip)
     inside_lowrank = {
         f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("u_proj", "v_proj")

@@ -1,6 +1,6 @@
 """Arithmetic reasoning (LLM-Adapters math_10k → AddSub, SingleEq, MultiArith, SVAMP, GSM8K, AQuA, mawps).
 
-Scoring follows LLM-Adapters (anchors §6) through `deftlab.eval.answers`: the LAST number within 0.001 for the
+Scoring follows LLM-Adapters (anchors §6) through `deftlab.scoring.answers`: the LAST number within 0.001 for the
 numeric sets, the first option letter for AQuA. Differences from LLM-Adapters, on purpose:
 - the plain Alpaca prompt for train and eval (see `templates`), `prompt_style="llm-adapters"` gives theirs;
 - loss on the response only (LLM-Adapters defaults to `train_on_inputs=True`);
@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from deftlab.data import load_arith_test, load_arith_train
+from deftlab.data.generated import generate_arith
 from deftlab.errors import DeftlabError
+from deftlab.scoring.answers import arith_correct, extract_choice, extract_number
+from deftlab.scoring.overlap import train_test_overlap
 from deftlab.tasks import Example, Task, first_n, records_of
 from deftlab.tasks.templates import ALPACA_STOPS, alpaca_prompt, llm_adapters_prompt
 
@@ -44,13 +48,9 @@ class ArithmeticTask(Task):
 
     # --- data ------------------------------------------------------------------------------------------------
     def _load_train(self):
-        from deftlab.data import load_arith_train
-
         return load_arith_train(data_dir=self.data_dir)
 
     def _load_test(self, name: str):
-        from deftlab.data import load_arith_test
-
         return load_arith_test(name, data_dir=self.data_dir)
 
     def train_records(self) -> list[dict]:
@@ -79,8 +79,6 @@ class ArithmeticTask(Task):
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def score(self, dataset_name: str, examples: list[Example], outputs: list[str]) -> tuple[list[dict], dict]:
-        from deftlab.eval.answers import arith_correct, extract_choice, extract_number
-
         choice = dataset_name.lower() == "aqua"
         items = []
         for ex, out in zip(examples, outputs, strict=True):
@@ -100,8 +98,6 @@ class ArithmeticTask(Task):
 
     def _overlap_metrics(self, examples: list[Example], items: list[dict]) -> dict:
         """Accuracy on the test items whose question does not (near-)duplicate a training question."""
-        from deftlab.eval.overlap import train_test_overlap
-
         report = train_test_overlap([r["instruction"] for r in self.train_records()], [e.question for e in examples])
         overlapping = set(report.overlapping)
         for i, it in enumerate(items):
@@ -130,8 +126,6 @@ class GeneratedArithmeticTask(ArithmeticTask):
 
     def __init__(self, *, n_train: int = 1000, n_test: int = 200, seed: int = 0, max_new_tokens: int | None = None,
                  prompt_style: str = "plain"):
-        from deftlab.data.generated import generate_arith
-
         super().__init__(train_source=lambda: generate_arith(n_train, seed),
                          test_source=lambda _name: generate_arith(n_test, seed + 1),
                          eval_sets=("generated",), prompt_style=prompt_style, max_new_tokens=max_new_tokens,

@@ -6,6 +6,8 @@ of its reference solution) with `math_equal`.
 
 from __future__ import annotations
 
+from deftlab.data import load_math, load_math500
+from deftlab.scoring.answers import extract_boxed, math_equal
 from deftlab.tasks import Example, SplitTask, first_n
 from deftlab.tasks.templates import ALPACA_STOPS, math_prompt, math_response
 
@@ -18,8 +20,6 @@ class MathTask(SplitTask):
     default_eval_sets = ("math500",)
 
     def _load(self, split: str):
-        from deftlab.data import load_math, load_math500
-
         if split == "math500":
             return load_math500(data_dir=self.data_dir)
         return load_math(split, data_dir=self.data_dir)
@@ -28,7 +28,6 @@ class MathTask(SplitTask):
     def gold_answer(rec: dict) -> str | None:
         if rec.get("answer") not in (None, ""):
             return str(rec["answer"])
-        from deftlab.eval.answers import extract_boxed
 
         return extract_boxed(rec.get("solution", ""))
 
@@ -45,8 +44,6 @@ class MathTask(SplitTask):
         return [self._example(r, with_gold=True) for r in first_n(self.records(dataset_name), limit)]
 
     def score(self, dataset_name: str, examples: list[Example], outputs: list[str]) -> tuple[list[dict], dict]:
-        from deftlab.eval.answers import extract_boxed, math_equal
-
         items = []
         for ex, out in zip(examples, outputs, strict=True):
             pred = extract_boxed(out)

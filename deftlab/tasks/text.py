@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from deftlab.data import load_c4_sample
 from deftlab.errors import DeftlabError
 from deftlab.tasks import Example, Task, first_n
 
@@ -28,8 +29,6 @@ class TextTask(Task):
         self._texts: list[str] | None = None
 
     def _load(self) -> list[str]:
-        from deftlab.data import load_c4_sample
-
         return load_c4_sample(data_dir=self.data_dir)
 
     def texts(self) -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from deftlab.data import load_xsum
+from deftlab.scoring.rouge import rouge_scores
 from deftlab.tasks import Example, SplitTask, first_n
 from deftlab.tasks.templates import XSUM_STOPS, xsum_prompt, xsum_response
 
@@ -36,8 +38,6 @@ class XSumTask(SplitTask):
         self.max_document_words = max_document_words
 
     def _load(self, split: str):
-        from deftlab.data import load_xsum
-
         return load_xsum(split, data_dir=self.data_dir)
 
     def _example(self, rec: dict) -> Example:
@@ -53,8 +53,6 @@ class XSumTask(SplitTask):
         return [self._example(r) for r in first_n(self.records(dataset_name), limit)]
 
     def score(self, dataset_name: str, examples: list[Example], outputs: list[str]) -> tuple[list[dict], dict]:
-        from deftlab.eval.rouge import rouge_scores
-
         preds = [o.strip() for o in outputs]
         items = [{"extracted": p, "correct": None} for p in preds]
         metrics = {"n": len(preds), **rouge_scores(preds, [e.gold for e in examples])}

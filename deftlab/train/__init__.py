@@ -1,4 +1,4 @@
-"""Fine-tuning with PyTorch Lightning: presets, data, the LightningModule, the Trainer and run records.
+"""Fine-tuning with PyTorch Lightning: profiles, data, the LightningModule, the Trainer and its loggers.
 
 Lightning is imported only when a training object is used (`from deftlab.train import fit` does import it).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from deftlab.train.presets import TrainPreset, load_preset, preset_names
+from deftlab.train.profiles import TrainProfile, load_profile, profile_names
 
 _LAZY = {
     "fit": "deftlab.train.trainer",
@@ -17,11 +17,10 @@ _LAZY = {
     "masked_lm_loss": "deftlab.train.module",
     "TaskDataModule": "deftlab.train.datamodule",
     "encode_example": "deftlab.train.datamodule",
-    "make_loggers": "deftlab.train.records",
-    "write_run_record": "deftlab.train.records",
+    "make_loggers": "deftlab.train.loggers",
 }
 
-__all__ = ["TrainPreset", "load_preset", "preset_names", *_LAZY]
+__all__ = ["TrainProfile", "load_profile", "profile_names", *_LAZY]
 
 
 def __getattr__(name: str):

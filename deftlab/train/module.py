@@ -8,7 +8,6 @@ safetensors checkpoint format); the frozen base is rebuilt from the model config
 from __future__ import annotations
 
 import math
-import resource
 import time
 
 import pytorch_lightning as pl
@@ -16,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from deftlab.errors import DeftlabError
+from deftlab.tasks.encoding import IGNORE_INDEX
+from deftlab.train.memory import peak_memory_bytes
 
-IGNORE_INDEX = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -52,13 +52,6 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str =
     else:
         raise DeftlabError(f"unknown lr schedule '{schedule}'", f"use one of {', '.join(SCHEDULES)}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-
-def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
-    """(peak bytes, what was measured): CUDA max_memory_allocated, else the process's peak RSS."""
-    if device is not None and device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
 
 
 # GaLore (Zhao et al. 2024) projection settings: the galore-torch README's LLaMA pre-training defaults

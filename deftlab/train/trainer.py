@@ -28,9 +28,9 @@ from deftlab.config import to_dict
 from deftlab.errors import CacheCorruptError
 from deftlab.manifest import write_json_atomic
 from deftlab.train.datamodule import TaskDataModule
+from deftlab.train.loggers import finish_loggers, make_loggers
 from deftlab.train.module import DeftLightningModule
-from deftlab.train.presets import TrainPreset, resolve_precision
-from deftlab.train.records import finish_loggers, make_loggers
+from deftlab.train.profiles import TrainProfile, resolve_precision
 
 CKPT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -104,7 +104,7 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return p if p.is_file() else None
 
 
-def build_trainer(preset: TrainPreset, run_dir: str | os.PathLike, *, loggers: list | bool = False,
+def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: list | bool = False,
                   callbacks: list | None = None, progress: bool = True, accelerator: str = "auto") -> pl.Trainer:
     """pl.Trainer for one device with the preset's precision, accumulation and step/epoch limits."""
     run_dir = Path(run_dir)
@@ -144,7 +144,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def fit(model: torch.nn.Module, tokenizer, task, preset: TrainPreset, run_dir: str | os.PathLike, *,
+def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: str | os.PathLike, *,
         datamodule: TaskDataModule | None = None, loggers: list | bool | str = "auto",
         wandb_mode: str | None = None, callbacks: list | None = None, resume: bool = True, progress: bool = True,
         accelerator: str = "auto", optimizer: str = "adamw") -> dict:

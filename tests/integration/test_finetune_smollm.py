@@ -30,7 +30,7 @@ def _task_params() -> dict:
     return {"task": "arith", "eval_sets": ["AddSub"], "data_dir": str(data)}
 
 
-SMOKE = dict(model="smollm2-135m", preset="cpu-small", train_limit=8, batch_size=4, micro_batch_size=2,
+SMOKE = dict(model="smollm2-135m", profile="cpu-small", train_limit=8, batch_size=4, micro_batch_size=2,
              max_steps=2, eval_limit=2, max_new_tokens=24, lora_r=8, device="cpu")
 
 
@@ -40,9 +40,9 @@ def _quiet(monkeypatch):
 
 
 def test_efficiency_measures_in_a_fresh_subprocess(tmp_path, tmp_cache):
-    from deftlab.train.efficiency import run_efficiency
+    from deftlab.recipes.efficiency import run_efficiency
 
-    m = run_efficiency(dict(model="tiny", adapter="lora", batch_size=1, seq_len=16, steps=1, preset="smoke",
+    m = run_efficiency(dict(model="tiny", adapter="lora", batch_size=1, seq_len=16, steps=1, profile="smoke",
                             device="cpu"), tmp_path)
     assert m["isolated"] is True and m["train_tokens_per_s"] > 0
     assert m["model_mem_mb"] is not None and m["peak_mem_mb"] >= 0
@@ -50,33 +50,36 @@ def test_efficiency_measures_in_a_fresh_subprocess(tmp_path, tmp_cache):
 
 @pytest.mark.model
 def test_smollm2_dense_lora_smoke_finetune(tmp_path):
-    from deftlab.train.pipeline import run_finetune
+    from deftlab.experiments.runner import execute, make_spec
+    from deftlab.store import ResultsStore
 
     torch.set_num_threads(1)  # faster than 2 when the 2 cores are shared
-    m = run_finetune(dict(SMOKE, method="dense", adapter="lora", **_task_params()), tmp_path, progress=False,
-                     wandb_mode="disabled")
+    rec = execute(make_spec("finetune", dict(SMOKE, method="dense", adapter="lora", **_task_params())),
+                  ResultsStore(tmp_path), options={"progress": False, "wandb_mode": "disabled"})
+    m = rec["metrics"]
     assert m["train_steps"] == 2 and m["trainable"] == 8 * LORA_PER_RANK
     assert m["params"] == SMOLLM_PARAMS and m["params_total"] == SMOLLM_PARAMS + 8 * LORA_PER_RANK
     assert 0 < m["train_loss_first"] < 5 and m["train_tokens_per_s"] > 0
     key = next(k for k in m if k.startswith("acc_") and not k.endswith("_non_overlap"))
     assert 0 <= m[key] <= 1 and m["avg"] == m[key]
-    rec = json.loads((tmp_path / "record.json").read_text())
-    assert rec["results"]["params"]["trainable"] == m["trainable"]
+    assert rec["config"]["lora_r"] == 8 and rec["config"]["training_profile"]["name"] == "cpu-small"
 
 
 @pytest.mark.slow
 @pytest.mark.model
 def test_smollm2_deft_step0_finetune_and_reload(tmp_path, tmp_cache):
     """DeFT at 85% on the real model: step-0 equivalence, a short fine-tune, and rebuilding the trained model."""
-    from deftlab.decompose.pipeline import compress_model
+    from deftlab.experiments.runner import execute, make_spec
     from deftlab.models import load_model
-    from deftlab.train.datamodule import PaddingCollator, encode_example
+    from deftlab.recipes.compress import compress_model
+    from deftlab.recipes.finetune import FinetuneConfig, build_model, load_finetuned
+    from deftlab.store import ResultsStore
+    from deftlab.tasks.encoding import PaddingCollator, encode_example
     from deftlab.train.module import masked_lm_loss
-    from deftlab.train.pipeline import FinetuneConfig, build_model, load_finetuned, run_finetune
 
     torch.set_num_threads(1)
     params = dict(SMOKE, method="deft", keep=0.85, calib_n=8, calib_max_length=256, **_task_params())
-    cfg = FinetuneConfig(**params).resolve()
+    cfg = FinetuneConfig.from_params(params).resolve()
     lm, model, report = build_model(cfg)
     task = cfg.make_task()
     feats = [encode_example(lm.tokenizer, ex, 256) for ex in task.train_examples()[:2]]
@@ -88,14 +91,16 @@ def test_smollm2_deft_step0_finetune_and_reload(tmp_path, tmp_cache):
             logits = mdl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return float(masked_lm_loss(logits, batch["labels"])[0])
 
-    ref_model, _ = compress_model(cfg.compress_config(), loaded=load_model("smollm2-135m"))
+    ref_model, _ = compress_model(cfg.decomposition, load_model("smollm2-135m"))
     assert loss(model) == pytest.approx(loss(ref_model), abs=2e-4)
     assert report["allocation"].keep_fraction == pytest.approx(0.85, abs=0.01)
     del ref_model, model
 
-    m = run_finetune(params, tmp_path, progress=False, wandb_mode="disabled")
+    store = ResultsStore(tmp_path)
+    spec = make_spec("finetune", params)
+    m = execute(spec, store, options={"progress": False, "wandb_mode": "disabled"})["metrics"]
     assert m["train_steps"] == 2 and m["params"] < 0.9 * SMOLLM_PARAMS
-    _, reloaded = load_finetuned(tmp_path)
+    _, reloaded = load_finetuned(store.run_dir(spec.kind, spec.key))
     trained = [n for n, p in reloaded.named_parameters() if p.requires_grad]
     assert len(trained) == 2 * 5 * 30  # lora_A and lora_B of 5 projections in 30 blocks
 
@@ -104,9 +109,9 @@ def test_smollm2_deft_step0_finetune_and_reload(tmp_path, tmp_cache):
 @pytest.mark.model
 def test_smollm2_deft_lowers_training_memory(tmp_path, tmp_cache):
     """Measured, not estimated: the DeFT-decomposed model's resident memory is smaller by about its parameter bytes."""
-    from deftlab.train.efficiency import run_efficiency
+    from deftlab.recipes.efficiency import run_efficiency
 
-    common = dict(model="smollm2-135m", adapter="lora", batch_size=1, seq_len=64, steps=2, preset="cpu-small",
+    common = dict(model="smollm2-135m", adapter="lora", batch_size=1, seq_len=64, steps=2, profile="cpu-small",
                   device="cpu", threads=1, calib_n=8, calib_max_length=256, **{k: v for k, v in _task_params().items()
                                                                     if k in ("task", "data_dir")})
     dense = run_efficiency(dict(common, method="dense"), tmp_path / "dense")

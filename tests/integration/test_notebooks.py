@@ -26,12 +26,11 @@ def _fabricate(store: ResultsStore, spec, metrics: dict, files: dict[str, str] |
         return
     for dep in spec.refs.values():
         _fabricate(store, dep, {"avg": 0.4})
-    partial = store.begin(spec.kind, spec.key)
+    lease = store.claim(spec.kind, spec.key)
     for name, text in (files or {}).items():
-        (partial / name).write_text(text)
-    rec = {"key": spec.key, "kind": spec.kind, "params": spec.params, "metrics": metrics, "status": "ok",
-           "fabricated_for_tests": True}
-    store.commit(spec.kind, spec.key, partial, rec, {"fabricated_for_tests": True})
+        (lease.run_dir / name).write_text(text)
+    store.commit(spec.kind, spec.key, lease, params=spec.params, metrics=metrics,
+                 origin={"fabricated_for_tests": True})
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from deftlab.adapters import AdapterConfig, attach, load_adapter, lora_target_names, merge_for_eval
+from deftlab.adapters import (
+    AdapterConfig,
+    attach,
+    load_adapter,
+    load_decomposed_checkpoint,
+    lora_target_names,
+    merge_for_eval,
+    save_decomposed,
+)
 from deftlab.adapters.lowrank_lora import LowRankLoraLinear
 from deftlab.config import ConfigError
 from deftlab.decompose.whiten import whitened_svd
 from deftlab.errors import DeftlabError
 from deftlab.models.tiny import tiny_llama
-from deftlab.surgery import (
-    LowRankLinear,
-    build_decomposed_model,
-    count_params,
-    load_decomposed_checkpoint,
-    save_decomposed,
-)
+from deftlab.surgery import LowRankLinear, build_decomposed_model, count_params
 
 attach_mod = importlib.import_module("deftlab.adapters.attach")  # the package attribute is the function
 L0 = "model.layers.0."

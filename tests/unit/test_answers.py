@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deftlab.errors import DeftlabError
-from deftlab.eval.answers import (
+from deftlab.scoring.answers import (
     answer_correct,
     arith_correct,
     choice_correct,

@@ -30,7 +30,7 @@ from deftlab.data import (
 )
 from deftlab.data import arithmetic, source
 from deftlab.errors import DataNotFoundError, DeftlabError, MalformedDataError, UnknownNameError
-from deftlab.eval.answers import extract_number
+from deftlab.scoring.answers import extract_number
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DEFTLAB_OFFLINE")

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from deftlab.decompose import whiten
-from deftlab.decompose.cache import DecompositionCache, decompose_all
-from deftlab.decompose.pipeline import CompressConfig, compress_model
+from deftlab.decompose.cache import DecompositionCache
+from deftlab.decompose.driver import decompose_all
+from deftlab.decompose.config import DecompositionConfig
+from deftlab.recipes.compress import CompressConfig, compress_model
 from deftlab.errors import DeftlabError
 from deftlab.models import load_model
 
@@ -46,15 +48,14 @@ def test_corrupt_entry_is_detected_and_recomputed(tmp_path, caplog):
 
 
 def test_compress_reuses_cache_for_a_second_budget(tmp_cache):
-    common = dict(model="tiny", calib="generated", calib_n=16, calib_max_length=64, allocator="deft", group=4,
-                  ppl=[])
+    common = dict(calib="generated", calib_n=16, calib_max_length=64, allocator="deft", group=4)
     whiten.svd_counter.reset()
     lm = load_model("tiny")
-    compress_model(CompressConfig(keep=0.8, **common), loaded=lm)
+    compress_model(DecompositionConfig(keep=0.8, **common), lm)
     assert whiten.svd_counter.count == 14  # 2 blocks x 7 matrices
     whiten.svd_counter.reset()
     lm2 = load_model("tiny")
-    model, report = compress_model(CompressConfig(keep=0.6, **common), loaded=lm2)
+    model, report = compress_model(DecompositionConfig(keep=0.6, **common), lm2)
     assert whiten.svd_counter.count == 0
     a = report["allocation"]
     assert a.params_kept <= 0.6 * a.params_dense
@@ -62,10 +63,15 @@ def test_compress_reuses_cache_for_a_second_budget(tmp_cache):
 
 
 def test_compress_config_needs_exactly_one_budget():
+    # checked once, in DecompositionConfig, whichever run config nests it
     with pytest.raises(DeftlabError, match="exactly one of"):
-        CompressConfig(allocator="deft").validate()
+        CompressConfig.from_params({"allocator": "deft"})
     with pytest.raises(DeftlabError, match="exactly one of"):
-        CompressConfig(allocator="uniform", keep=0.5, err=0.2).validate()
+        CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "err": 0.2})
+    with pytest.raises(DeftlabError, match="unknown param"):
+        CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "budget": 3})
+    cfg = CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "ppl": ["wikitext2"], "model": "tiny"})
+    assert (cfg.decomposition.keep, cfg.perplexity.ppl, cfg.model.model) == (0.5, ("wikitext2",), "tiny")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

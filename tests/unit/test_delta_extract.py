@@ -251,25 +251,31 @@ def test_fingerprint_mismatch_and_missing_extras(tmp_path):
         ex.export_updates(base, ft, "none", "2%", tmp_path / "n.safetensors")
 
 
-# --- real tiny fine-tuning runs (deftlab.train.pipeline), exported and applied through the CLI -------------
+# --- real tiny fine-tuning runs (deftlab.recipes.finetune, recorded in a store), exported and applied ----------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from deftlab.train.pipeline import run_finetune
+    from deftlab.experiments.runner import execute, make_spec
+    from deftlab.store import ResultsStore
 
     root = tmp_path_factory.mktemp("finetune")
-    common = {"model": "tiny", "task": "generated", "preset": "smoke", "eval_limit": 2, "max_new_tokens": 4}
+    store = ResultsStore(root / "results")
+    common = {"model": "tiny", "task": "generated", "profile": "smoke", "eval_limit": 2, "max_new_tokens": 4}
+    out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFTLAB_CACHE", str(root / "cache"))
-        run_finetune({**common, "method": "dense", "adapter": "lora", "lr": 2e-2}, root / "lora", progress=False)
+        mp.setenv("WANDB_MODE", "disabled")
         # keep 0.5 decomposes a LoRA target (layer 1 q_proj), so the DeFT run has LoRA over LowRankLinear
-        run_finetune({**common, "method": "deft", "keep": 0.5, "calib_n": 8, "lr": 2e-2}, root / "deft",
-                     progress=False)
-    return {"lora": root / "lora", "deft": root / "deft"}
+        for name, params in (("lora", {**common, "method": "dense", "adapter": "lora", "lr": 2e-2}),
+                             ("deft", {**common, "method": "deft", "keep": 0.5, "calib_n": 8, "lr": 2e-2})):
+            spec = make_spec("finetune", params)
+            execute(spec, store, options={"progress": False})
+            out[name] = store.run_dir(spec.kind, spec.key)
+    return out
 
 
 def test_real_deft_run_updates_rebuild_the_merged_model(runs, tmp_path):
     from deftlab.models import load_model
-    from deftlab.train.pipeline import load_finetuned
+    from deftlab.recipes.finetune import load_finetuned
 
     lm, ft = load_finetuned(runs["deft"])
     kinds = ex.update_kinds(load_model("tiny").model, ft)
@@ -286,7 +292,7 @@ def test_real_deft_run_updates_rebuild_the_merged_model(runs, tmp_path):
 def test_cli_export_apply_round_trip(runs, tmp_path, capsys):
     from deftlab.cli import main
     from deftlab.models import load_model
-    from deftlab.train.pipeline import load_finetuned
+    from deftlab.recipes.finetune import load_finetuned
 
     run = runs["lora"]
     out = tmp_path / "lr.safetensors"
@@ -302,7 +308,7 @@ def test_cli_export_apply_round_trip(runs, tmp_path, capsys):
     _, ft = load_finetuned(run)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     model, meta = ex.apply_stored(load_model("tiny"), out)
-    assert meta["run_id"] == "lora" and meta["codec"] == "lowrank" and meta["base_model"] == "tiny"
+    assert meta["run_id"] == run.name and meta["codec"] == "lowrank" and meta["base_model"] == "tiny"
     torch.testing.assert_close(_logits(model, ids), _logits(ft, ids), rtol=0, atol=1e-4)
     assert (_logits(ft, ids) - _logits(load_model("tiny").model, ids)).abs().max() > 1e-3
     # osd with task gradients (the run's task) under a tight budget
@@ -313,14 +319,19 @@ def test_cli_export_apply_round_trip(runs, tmp_path, capsys):
     assert meta["grad_at"] == "base" and all(e.meta["score"] == "taylor" for e in enc.values())
     assert all(e.nbytes <= budget_bytes(e.shape, "8%") for e in enc.values())
     assert main(["delta", "export", str(tmp_path / "missing")]) == 2  # one-line error, not a traceback
+    # a run key (prefix) works as well as its directory
+    by_key = tmp_path / "k.safetensors"
+    assert main(["delta", "export", run.name[:8], "--results", str(run.parent.parent), "--codec", "lowrank",
+                 "--budget", "25%", "--out", str(by_key)]) == 0 and by_key.is_file()
 
 
 def test_run_osd_kind(runs, tmp_path, monkeypatch):
-    from deftlab.delta.experiment import resolve_finetune, run_osd
+    from deftlab.recipes.osd import resolve_finetune, run_osd
+    from deftlab.store import read_record
 
     run = runs["lora"]
-    ft_avg = json.loads((run / "metrics.json").read_text())["avg"]
-    common = {"finetune": str(run), "preset": "smoke", "task": "generated", "model": "tiny", "eval_limit": 2,
+    ft_avg = read_record(run)["metrics"]["avg"]
+    common = {"finetune": str(run), "profile": "smoke", "task": "generated", "model": "tiny", "eval_limit": 2,
               "max_new_tokens": 4, "grad_batches": 1}
     (tmp_path / "a").mkdir()
     m = run_osd({**common, "codec": "osd", "budget": 0.1}, tmp_path / "a")
@@ -341,17 +352,17 @@ def test_run_osd_kind(runs, tmp_path, monkeypatch):
         run_osd({**common, "model": "smollm2-135m", "codec": "osd", "budget": 0.1}, tmp_path / "c")
     # finetune given as params: located by the runner's key in the results store
     from deftlab.experiments.runner import make_spec
-    from deftlab.experiments.store import ResultsStore
+    from deftlab.store import ResultsStore
 
     monkeypatch.setenv("DEFTLAB_RESULTS", str(tmp_path / "results"))
-    fparams = {"model": "tiny", "task": "generated", "method": "dense", "adapter": "lora", "preset": "smoke"}
+    fparams = {"model": "tiny", "task": "generated", "method": "dense", "adapter": "lora", "profile": "smoke"}
     with pytest.raises(DataNotFoundError, match="not recorded"):
         resolve_finetune(fparams)
     spec = make_spec("finetune", fparams)
-    d = ResultsStore().run_dir("finetune", spec.key)
-    d.mkdir(parents=True)
-    (d / "record.json").write_text(json.dumps({"key": spec.key, "status": "ok", "params": fparams,
-                                               "metrics": {"avg": 0.5}}))
+    store = ResultsStore()
+    lease = store.claim(spec.kind, spec.key)  # a fabricated test record, through the store
+    store.commit(spec.kind, spec.key, lease, params=fparams, metrics={"avg": 0.5}, fingerprint=spec.fingerprint)
+    d = store.run_dir("finetune", spec.key)
     assert resolve_finetune(fparams) == (d, {"params": fparams, "metrics": {"avg": 0.5}})
     assert resolve_finetune({"ref": {"kind": "finetune", "params": fparams}})[0] == d
     assert resolve_finetune({"ref": "finetune/x", "dir": str(run), "params": {}, "metrics": {}})[0] == run

@@ -17,10 +17,11 @@ import pytest
 from deftlab.cli import main as cli_main
 from deftlab.config import ConfigError
 from deftlab.errors import DeftlabError, UnknownNameError
-from deftlab.experiments import kinds, registry, runner, store as store_mod, sweep, tables
+from deftlab import store as store_mod
+from deftlab.experiments import kinds, registry, runner, sweep, tables
 from deftlab.experiments.registry import load_all, load_experiment
 from deftlab.experiments.runner import RunFailedError, execute, expand, make_spec, plan, run_experiment
-from deftlab.experiments.store import ResultsStore, run_key
+from deftlab.store import ResultsStore, run_key
 
 REPO = Path(__file__).resolve().parents[2]
 ISSUE5 = [f"table{i}" for i in range(1, 15)] + ["fig5a", "fig5b", "fig6", "fig7", "osd"] + \
@@ -185,9 +186,13 @@ def test_runner_runs_only_missing_runs_and_records_manifest(toy):
     assert len(counter.calls) == 4 and len(report.ran) == 4
     rec = store.load("counting", report.ran[0].key)
     assert rec["params"] == report.ran[0].params and "score" in rec["metrics"]
-    man = json.loads((store.run_dir("counting", report.ran[0].key) / "manifest.json").read_text())
-    assert {"git_commit", "packages", "hardware", "seed", "config"} <= set(man)
-    assert man["config"]["experiment"] == "toyexp" and "artifact.csv" in rec["artifacts"]
+    man = rec["manifest"]  # one record: the manifest is inside it, no second copy beside it
+    assert {"git_commit", "packages", "hardware", "seed"} <= set(man) and man["seed"] == 0
+    assert rec["origin"]["experiment"] == "toyexp" and rec["origin"]["preset"] == "smoke"
+    assert "artifact.csv" in rec["artifacts"] and rec["format"] == store_mod.RECORD_FORMAT
+    assert sorted(p.name for p in store.run_dir("counting", report.ran[0].key).iterdir()) == [
+        "artifact.csv", "record.json", "started.txt", "toy.txt"]
+    assert rec["run"]["attempts"] == 1 and rec["run"]["host"]
     report = run_experiment(exp, "smoke", store)
     assert len(counter.calls) == 4 and len(report.skipped) == 4 and not report.ran
     run_experiment(exp, "cpu-small", store)  # its runs are a subset of smoke's: nothing to do
@@ -255,15 +260,44 @@ def test_force_reruns_and_keeps_the_old_result_aside(toy):
     assert len(store.aside_dirs(spec.kind, spec.key, "superseded")) == 1
 
 
-def test_stale_partial_of_a_killed_run_is_moved_aside(toy):
+def test_a_killed_runs_directory_is_resumed_in_place_not_moved_aside(toy, monkeypatch):
     counter, store, exp = toy
     spec = expand(exp, "cpu-small")[0]
     partial = store.partial_dir(spec.kind, spec.key)
     partial.mkdir(parents=True)
-    (partial / ".owner.json").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": "elsewhere"}))
-    execute(spec, store)
-    assert store.status(spec.kind, spec.key).state == "done"
-    assert len(store.aside_dirs(spec.kind, spec.key, "interrupted")) == 1
+    (partial / "checkpoint.txt").write_text("step 5")
+    # a dead owner on this host (same boot): stale at once, whatever the timeout
+    from deftlab.store import lease
+
+    (partial / lease.LEASE_FILE).write_text(json.dumps({
+        "pid": 2 ** 22 + 12345, "host": lease.host_name(), "boot_id": lease.boot_id(), "token": "t0",
+        "heartbeat": __import__("time").time(), "attempt": 1}))
+    assert store.status(spec.kind, spec.key).state == "interrupted"
+    rec = execute(spec, store)
+    assert store.status(spec.kind, spec.key).state == "done" and not store.aside_dirs(spec.kind, spec.key)
+    assert "checkpoint.txt" in rec["artifacts"] and rec["run"]["attempts"] == 2
+    assert not (store.run_dir(spec.kind, spec.key) / lease.LEASE_FILE).exists()
+
+
+def test_a_fresh_lease_of_another_host_is_never_taken(toy, monkeypatch):
+    counter, store, exp = toy
+    spec = expand(exp, "cpu-small")[0]
+    partial = store.partial_dir(spec.kind, spec.key)
+    partial.mkdir(parents=True)
+    from deftlab.store import RunInProgressError, lease
+
+    (partial / lease.LEASE_FILE).write_text(json.dumps({
+        "pid": 1, "host": "other-host", "boot_id": "b", "token": "t0", "heartbeat": __import__("time").time(),
+        "attempt": 1}))
+    with pytest.raises(RunInProgressError, match="in progress on host other-host"):
+        execute(spec, store)
+    report = run_experiment(exp, "cpu-small", store, wait=False)
+    assert report.busy == [spec] and len(report.ran) == 1  # the other run of the preset ran
+    assert partial.is_dir() and not store.aside_dirs(spec.kind, spec.key) and not counter.calls[1:]
+    # once its heartbeat is older than the timeout, the lease is taken over
+    monkeypatch.setenv(lease.TIMEOUT_ENV, "0.01")
+    __import__("time").sleep(0.05)
+    assert execute(spec, store)["run"]["attempts"] == 2
 
 
 def test_dependency_is_recorded_first_and_passed_to_the_run(tmp_path):
@@ -384,12 +418,11 @@ def test_table_pivot_pct_scale_and_missing_metric(tmp_path):
 # --- figures ------------------------------------------------------------------------------------------------------
 def _fabricate(store: ResultsStore, spec, metrics: dict, files: dict[str, str] | None = None) -> None:
     """A fabricated *test* record for a planned run (no computation)."""
-    partial = store.begin(spec.kind, spec.key)
+    lease = store.claim(spec.kind, spec.key)
     for name, text in (files or {}).items():
-        (partial / name).write_text(text)
-    rec = {"key": spec.key, "kind": spec.kind, "params": spec.params, "metrics": metrics, "status": "ok",
-           "fabricated_for_tests": True}
-    store.commit(spec.kind, spec.key, partial, rec, {"fabricated_for_tests": True})
+        (lease.run_dir / name).write_text(text)
+    store.commit(spec.kind, spec.key, lease, params=spec.params, metrics=metrics,
+                 origin={"fabricated_for_tests": True})
 
 
 def test_figure_scripts_build_pngs_from_fabricated_results(tmp_path):
@@ -523,17 +556,17 @@ def test_wandb_agent_path_writes_the_same_store_records_as_the_local_grid(tmp_pa
         kinds.unregister_kind("counting")
 
 
-def test_training_preset_file_content_is_part_of_the_key(tmp_path, monkeypatch):
-    """Editing configs/presets/<preset>.yaml makes its runs missing; comments and key order do not."""
-    presets = tmp_path / "configs" / "presets"
+def test_training_profile_file_content_is_part_of_the_key(tmp_path, monkeypatch):
+    """Editing configs/profiles/<profile>.yaml makes its runs missing; comments and key order do not."""
+    presets = tmp_path / "configs" / "profiles"
     presets.mkdir(parents=True)
     monkeypatch.setenv("DEFTLAB_CONFIGS", str(tmp_path / "configs"))
     (presets / "p.yaml").write_text("lr: 3.0e-4\neval_limit: 50\n")
-    first = make_spec("finetune", {"model": "tiny", "preset": "p"})
+    first = make_spec("finetune", {"model": "tiny", "profile": "p"})
     (presets / "p.yaml").write_text("# a comment\neval_limit: 50\nlr: 0.0003\n")
-    assert make_spec("finetune", {"model": "tiny", "preset": "p"}).key == first.key
+    assert make_spec("finetune", {"model": "tiny", "profile": "p"}).key == first.key
     (presets / "p.yaml").write_text("lr: 3.0e-4\neval_limit: 100\n")
-    changed = make_spec("finetune", {"model": "tiny", "preset": "p"})
+    changed = make_spec("finetune", {"model": "tiny", "profile": "p"})
     assert changed.key != first.key and changed.params == first.params
-    assert changed.fingerprint["preset_config"].startswith("p:")
-    assert make_spec("compress", {"model": "tiny", "preset": "p"}).fingerprint == {}  # compress has no preset
+    assert changed.fingerprint["profile"].startswith("p:")
+    assert make_spec("compress", {"model": "tiny", "profile": "p"}).fingerprint == {}  # compress has no profile

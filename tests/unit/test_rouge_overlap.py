@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from deftlab.errors import DeftlabError
-from deftlab.eval.overlap import normalize_question, train_test_overlap
-from deftlab.eval.rouge import rouge_scores
+from deftlab.scoring.overlap import normalize_question, train_test_overlap
+from deftlab.scoring.rouge import rouge_scores
 
 REPO = Path(__file__).resolve().parents[2]
 

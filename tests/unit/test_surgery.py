@@ -15,19 +15,17 @@ import deftlab.surgery.replace as replace_mod
 from deftlab.decompose.whiten import whitened_svd
 from deftlab.errors import DeftlabError
 from deftlab.models.tiny import tiny_llama
+from deftlab.adapters import load_decomposed_checkpoint, read_rank_map, save_decomposed
 from deftlab.surgery import (
     LoadReport,
     LowRankLinear,
     build_decomposed_model,
     count_params,
     load_decomposed,
-    load_decomposed_checkpoint,
     plan_module,
     quantize_dense_linears,
     quantize_lowrank,
-    read_rank_map,
     replace_linears,
-    save_decomposed,
 )
 
 L0 = "model.layers.0."

@@ -12,7 +12,8 @@ from deftlab.tasks.arithmetic import ArithmeticTask
 from deftlab.tasks.math import MathTask
 from deftlab.tasks.text import TextTask
 from deftlab.tasks.xsum import XSumTask
-from deftlab.train.datamodule import IGNORE_INDEX, PaddingCollator, SeededBatchSampler, encode_example
+from deftlab.tasks.encoding import IGNORE_INDEX, PaddingCollator, encode_example
+from deftlab.train.datamodule import SeededBatchSampler
 
 HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 

@@ -15,8 +15,8 @@ from deftlab.errors import DeftlabError, UnknownNameError
 from deftlab.models.tiny import TinyTokenizer, tiny_llama
 from deftlab.tasks import get_task
 from deftlab.train.module import lr_factor, masked_lm_loss
-from deftlab.train.presets import TrainPreset, load_preset, preset_names
-from deftlab.train.records import RECORD_CSV, RECORD_JSON, make_loggers, write_run_record
+from deftlab.train.profiles import TrainProfile, load_profile, profile_names
+from deftlab.train.loggers import make_loggers
 from deftlab.train.trainer import CKPT_DIR, FINAL_WEIGHTS, fit
 
 # Loss of tiny_llama(seed 0) on the first smoke batch of generated arithmetic (computed once, torchtune-style).
@@ -70,7 +70,7 @@ def test_lr_schedules():
 def test_smoke_finetune_lowers_loss(task, tmp_path):
     model = _model(trainable=("",))  # everything trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = fit(model, TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False, progress=False)
+    stats = fit(model, TinyTokenizer(), task, load_profile("smoke"), tmp_path, loggers=False, progress=False)
     assert stats["global_step"] == 6 and stats["micro_batches"] == 12  # 6 steps × accumulation 2
     assert stats["initial_loss"] == pytest.approx(EXPECTED_INITIAL_LOSS, abs=2e-3)
     assert stats["final_loss"] < stats["initial_loss"] - 0.5
@@ -95,7 +95,7 @@ def test_galore_optimizer_projects_decoder_matrices_and_lowers_loss(task, tmp_pa
             seen["galore_adamw"] = isinstance(trainer.optimizers[0], galore_torch.GaLoreAdamW)
             seen["galore"] = [g for g in groups if "rank" in g]
 
-    stats = fit(model, TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False, progress=False,
+    stats = fit(model, TinyTokenizer(), task, load_profile("smoke"), tmp_path, loggers=False, progress=False,
                 callbacks=[Spy()], optimizer="galore")
     assert seen["galore_adamw"]
     (g,) = seen["galore"]
@@ -107,14 +107,14 @@ def test_frozen_weights_stay_frozen(task, tmp_path):
     model = _model()
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    fit(model, TinyTokenizer(), task, load_preset("smoke", max_steps=2), tmp_path, loggers=False, progress=False)
+    fit(model, TinyTokenizer(), task, load_profile("smoke", max_steps=2), tmp_path, loggers=False, progress=False)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, frozen)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)
 
 
 def test_no_trainable_parameters_is_an_error(task, tmp_path):
     with pytest.raises(DeftlabError, match="no trainable parameters"):
-        fit(_model(trainable=()), TinyTokenizer(), task, load_preset("smoke"), tmp_path, loggers=False,
+        fit(_model(trainable=()), TinyTokenizer(), task, load_profile("smoke"), tmp_path, loggers=False,
             progress=False)
 
 
@@ -131,7 +131,7 @@ class _Interrupt(pl.Callback):
 def test_interrupted_run_resumes_from_checkpoint(task, tmp_path):
     # 2 epochs of 15 micro-batches (accumulation 2 → 8 steps/epoch); checkpoints every 3 steps, crash at step 10:
     # the resume point (step 9) lies inside epoch 2, so the data position must be restored too.
-    preset = load_preset("smoke", max_steps=-1, epochs=2, save_every_n_steps=3)
+    preset = load_profile("smoke", max_steps=-1, epochs=2, save_every_n_steps=3)
     tok = TinyTokenizer()
     ref = fit(_model(), tok, task, preset, tmp_path / "ref", loggers=False, progress=False)
 
@@ -155,53 +155,38 @@ def test_interrupted_run_resumes_from_checkpoint(task, tmp_path):
 
 
 def test_resume_with_other_trainable_set_fails(task, tmp_path):
-    preset = load_preset("smoke", max_steps=2)
+    preset = load_profile("smoke", max_steps=2)
     fit(_model(), TinyTokenizer(), task, preset, tmp_path, loggers=False, progress=False)
     with pytest.raises(DeftlabError, match="trainable tensors do not match"):
-        fit(_model(trainable=("k_proj",)), TinyTokenizer(), task, load_preset("smoke", max_steps=4), tmp_path,
+        fit(_model(trainable=("k_proj",)), TinyTokenizer(), task, load_profile("smoke", max_steps=4), tmp_path,
             loggers=False, progress=False)
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
-def test_presets_load_and_validate():
-    assert set(preset_names()) >= {"paper", "gpu", "cpu-small", "smoke"}
-    paper = load_preset("paper")
+def test_profiles_load_and_validate():
+    assert set(profile_names()) >= {"paper", "gpu", "cpu-small", "smoke"}
+    paper = load_profile("paper")
     assert (paper.lr, paper.batch_size, paper.lora_r, paper.lora_alpha, paper.epochs) == (3e-4, 16, 32, 16, 3)
     assert paper.betas == [0.9, 0.999] and paper.lr_grid == [1e-4, 3e-4, 5e-4] and paper.train_limit is None
-    assert load_preset("gpu").precision == "bf16-mixed" and load_preset("cpu-small").precision == "32-true"
-    cpu = load_preset("cpu-small")
+    assert load_profile("gpu").precision == "bf16-mixed" and load_profile("cpu-small").precision == "32-true"
+    cpu = load_profile("cpu-small")
     assert cpu.eval_limit == 50 and cpu.train_limit and cpu.accumulate_grad_batches == 4
-    assert load_preset("smoke", lr=1e-3).lr == 1e-3
+    assert load_profile("smoke", lr=1e-3).lr == 1e-3
     from deftlab.adapters.config import AdapterConfig
 
     cfg = AdapterConfig(kind="lora", **paper.adapter_kwargs())
     assert (cfg.r, cfg.alpha, cfg.dropout) == (32, 16, 0.05) and "down_proj" in cfg.target_modules
-    with pytest.raises(UnknownNameError, match="unknown preset 'nope'"):
-        load_preset("nope")
+    with pytest.raises(UnknownNameError, match="unknown training profile 'nope'"):
+        load_profile("nope")
     with pytest.raises(ConfigError, match="multiple"):
-        load_preset("smoke", batch_size=5)
+        load_profile("smoke", batch_size=5)
     with pytest.raises(ConfigError, match="unknown key"):
-        load_preset("smoke", learning_rate=1e-3)
+        load_profile("smoke", learning_rate=1e-3)
     with pytest.raises(ConfigError):
-        load_preset("smoke", precision="fp8")
+        load_profile("smoke", precision="fp8")
 
 
-# --- records ----------------------------------------------------------------------------------------------------
-def test_run_record_json_and_csv(tmp_path):
-    model = _model()
-    rec = write_run_record(tmp_path, config={"preset": "smoke"}, seed=3, model=model,
-                           train={"peak_memory_bytes": 123, "tokens_per_s": 45.0, "losses": [1.0]},
-                           metrics={"AddSub": {"accuracy": 0.5}}, wall_time_s=9.0)
-    saved = json.loads((tmp_path / RECORD_JSON).read_text())
-    assert saved["seed"] == 3 and saved["config"] == {"preset": "smoke"} and "packages" in saved
-    res = saved["results"]
-    assert res["params"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert res["peak_memory_bytes"] == 123 and res["train_tokens_per_s"] == 45.0 and res["wall_time_s"] == 9.0
-    assert res["metrics"]["AddSub"]["accuracy"] == 0.5 and "losses" not in res["train"]
-    rows = (tmp_path / RECORD_CSV).read_text().splitlines()
-    assert len(rows) == 2 and "metrics.AddSub.accuracy" in rows[0] and rec["results"] == res
-
-
+# --- loggers ----------------------------------------------------------------------------------------------------
 def test_loggers_fall_back_to_csv_when_wandb_fails(tmp_path, monkeypatch):
     import pytorch_lightning.loggers as L
 
@@ -219,5 +204,5 @@ def test_loggers_fall_back_to_csv_when_wandb_fails(tmp_path, monkeypatch):
 
 
 def test_train_preset_defaults_are_the_paper_recipe():
-    p = TrainPreset()
+    p = TrainProfile()
     assert (p.lr, p.betas, p.batch_size, p.lora_r, p.lora_alpha, p.cutoff_len) == (3e-4, [0.9, 0.999], 16, 32, 16, 256)

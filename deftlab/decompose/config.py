@@ -1,0 +1,87 @@
+"""`DecompositionConfig`: how a model is decomposed: calibration data, SVD, allocator and budget.
+
+The one home of the decomposition defaults (DeFT's 256 calibration examples, the rank cut size G = 32, η = 1,
+OWL's λ and M, ...) and of their validation; the compress, finetune and efficiency run configs nest it. A
+fine-tuning method picks the allocator/SVD it needs when the params leave them unset (`for_method`), and a
+decomposed method calibrates on its task's own training text unless `calib` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from deftlab.allocate.base import Target
+from deftlab.config import ConfigError
+from deftlab.decompose.targets import DEFAULT_TARGETS
+
+Allocator = Literal["deft", "welore", "owl", "uniform", "none"]
+# fine-tuning method -> the decomposition params it implies when they are unset
+METHOD_DEFAULTS: dict[str, dict[str, str]] = {
+    "deft": {"allocator": "deft", "svd": "whitened"},
+    "welore": {"allocator": "welore", "svd": "plain"},
+}
+# task -> its calibration corpus (deftlab.data.calibration): DeFT calibrates on the task's own training text
+TASK_CALIB = {"arith": "arith", "generated": "generated", "xsum": "xsum", "math": "math", "text": "c4"}
+OUTLIER_THRESHOLD = 5.0  # α counts |A| > 5 × mean|A| (DeFT eq. 4, after OWL)
+
+
+@dataclass(frozen=True)
+class DecompositionConfig:
+    """allocator: deft (Algorithm 1) | welore | owl | uniform | none (no decomposition). svd: whitened (SVD-LLM,
+    Cholesky of the input Gram) | plain. Budget: exactly one of keep (fraction of decoder-linear parameters
+    preserved) and err (effective rank reduction); the DeFT search takes keep. eta: weight of the outlier ratio
+    α in the search; group: its rank cut size G. calib*: the calibration set (task corpus, examples, sampling
+    seed, tokens per example, batch). owl_*: OWL's λ and outlier threshold M; welore_min_ratio: WeLore's floor."""
+
+    allocator: Allocator = "deft"
+    svd: Literal["whitened", "plain"] = "whitened"
+    keep: float | None = None
+    err: float | None = None
+    eta: float = 1.0
+    group: int = 32
+    calib: str = "arith"
+    calib_n: int = 256
+    calib_seed: int = 42
+    calib_max_length: int = 512
+    calib_batch_size: int = 8
+    owl_lamda: float = 0.08
+    owl_m: float = 5.0
+    welore_min_ratio: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def validate(self) -> None:
+        if self.allocator == "none":
+            if self.keep not in (None, 1.0) or self.err not in (None, 0.0):
+                raise ConfigError(f"allocator 'none' keeps every parameter (got keep={self.keep}, err={self.err})",
+                                  "drop keep/err, or choose an allocator (deft, welore, owl, uniform)")
+        else:
+            Target(keep=self.keep, err=self.err)  # exactly one of keep / err, each in range
+            if self.allocator == "deft" and self.keep is None:
+                raise ConfigError("the DeFT search takes a parameter budget", "pass keep= instead of err=")
+        for name in ("group", "calib_n", "calib_max_length", "calib_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}",
+                                  f"set {name} above 0, or leave it unset")
+        if self.eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {self.eta}", "e.g. eta=1 (0 ignores the outlier ratios)")
+        if not self.targets:
+            raise ConfigError("targets is empty", "name the projections to decompose, e.g. q_proj, k_proj")
+
+    @property
+    def decomposes(self) -> bool:
+        return self.allocator != "none"
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether calibration statistics are needed: whitening, OWL's ratios or the search's α."""
+        return self.decomposes and (self.svd == "whitened" or self.allocator == "owl"
+                                    or (self.allocator == "deft" and self.eta != 0))
+
+    @staticmethod
+    def method_params(method: str, task: str, params: dict) -> dict:
+        """`params` with the decomposition params a fine-tuning method implies filled in where unset."""
+        out = {k: v for k, v in METHOD_DEFAULTS.get(method, {}).items() if k not in params}
+        if method in METHOD_DEFAULTS and "calib" not in params:
+            out["calib"] = TASK_CALIB.get(task, task)
+        return {**params, **out}

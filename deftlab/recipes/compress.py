@@ -1,0 +1,144 @@
+"""The compress recipe: calibrate (cached) → decompose (cached) → allocate ranks → swap in low-rank layers →
+perplexity. Run kind "compress"; also the first half of every decomposed fine-tuning run (`compress_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deftlab.allocate import MatrixSpectrum, allocate
+from deftlab.allocate.owl import layer_outlier_ratios
+from deftlab.config import from_params, replace, to_dict
+from deftlab.data.calibration import calibration_texts, fingerprint
+from deftlab.decompose.cache import DecompositionCache, decomposition_key
+from deftlab.decompose.calibration import CalibrationStats, collect_statistics, stats_key, token_batches
+from deftlab.decompose.config import OUTLIER_THRESHOLD, DecompositionConfig
+from deftlab.decompose.driver import decompose_all
+from deftlab.decompose.targets import layer_index, target_linears
+from deftlab.errors import CacheCorruptError
+from deftlab.eval.corpora import alpaca_text
+from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
+from deftlab.models import ModelConfig
+from deftlab.settings import cache_dir
+from deftlab.surgery.replace import build_decomposed_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """A compress run: which model, how it is decomposed, which perplexities are reported. Its params are flat
+    (`keep`, `calib_n`, `ppl`, ...; deftlab.config.from_params)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    perplexity: PerplexityConfig = field(default_factory=lambda: PerplexityConfig(ppl=("wikitext2", "arith")))
+    data_dir: str | None = None
+
+    @classmethod
+    def from_params(cls, params: dict) -> "CompressConfig":
+        return from_params(cls, params)
+
+    def resolve(self) -> "CompressConfig":
+        return replace(self, model=self.model.resolve())
+
+
+def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None):
+    """Gram matrices and outlier ratios for the calibration set of `dcfg`, from the cache when present."""
+    # Calibrate on task data in the format the model is fine-tuned on (Alpaca for arithmetic).
+    fmt = alpaca_text if dcfg.calib in ("arith", "generated") else None
+    texts = calibration_texts(dcfg.calib, n=dcfg.calib_n, seed=dcfg.calib_seed, data_dir=data_dir, formatter=fmt)
+    key = stats_key(lm.fingerprint, fingerprint(texts), dcfg.targets, dcfg.calib_max_length, OUTLIER_THRESHOLD)
+    path = cache_dir() / "calibration" / key
+    if (path / "stats.json").exists():
+        try:
+            return CalibrationStats.load(path), key
+        except CacheCorruptError as e:
+            log.warning("%s; recollecting", e)
+    batches = list(token_batches(lm.tokenizer, texts, batch_size=dcfg.calib_batch_size,
+                                 max_length=dcfg.calib_max_length))
+    stats = collect_statistics(lm.model, batches, targets=dcfg.targets, total=len(batches),
+                               threshold=OUTLIER_THRESHOLD)
+    stats.info.update({"calib": dcfg.calib, "n": dcfg.calib_n, "seed": dcfg.calib_seed})
+    stats.save(path)
+    return stats, key
+
+
+def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: int = 0, lora_alpha: float = 16.0,
+                   init: str = "deft"):
+    """Returns (model, report) for a `LoadedModel`; the model is modified in place (target linears replaced).
+
+    With lora_rank > 0 and init="deft", the r components after the top θ−r of each matrix are returned in
+    report["lora_tails"] (for deftlab.adapters.attach) and the frozen factors keep only θ−r components.
+    Allocator "none" leaves the model dense (report["allocation"] is None).
+    """
+    t0 = time.time()
+    params_before = sum(p.numel() for p in lm.model.parameters())
+    report = {"config": to_dict(dcfg), "params_before": params_before, "stats_key": None,
+              "decomposition_dir": None, "allocation": None, "lora_tails": {}, "alpha": None}
+    if not dcfg.decomposes:
+        report.update(params_after=params_before, seconds=time.time() - t0)
+        return lm.model, report
+    linears = target_linears(lm.model, dcfg.targets)
+    stats, skey = calibration_stats(dcfg, lm, data_dir) if dcfg.needs_stats else (None, None)
+    weights = {n: m.weight.detach().float() for n, m in linears.items()}
+    grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
+    cache = DecompositionCache(decomposition_key(lm.fingerprint, skey if grams else None, dcfg.targets),
+                               meta={"model": lm.spec.name, "svd": dcfg.svd, "stats": skey})
+    decs = decompose_all(weights, grams, cache)
+    spectra = [MatrixSpectrum(name=n, layer=layer_index(n), out_features=w.shape[0], in_features=w.shape[1],
+                              sigma=decs[n].sigma) for n, w in weights.items()]
+    kw = {}
+    if dcfg.allocator == "deft":
+        kw = {"alpha": stats.alpha if stats else None, "eta": dcfg.eta, "group": dcfg.group}
+    elif dcfg.allocator == "owl":
+        sq = {n: torch.diagonal(stats.gram(n)) for n in linears}
+        kw = {"outlier_ratios": layer_outlier_ratios(weights, sq, {n: layer_index(n) for n in linears},
+                                                      M=dcfg.owl_m), "lamda": dcfg.owl_lamda}
+    elif dcfg.allocator == "welore":
+        kw = {"min_ratio": dcfg.welore_min_ratio}
+    alloc = allocate(spectra, dcfg.allocator, keep=dcfg.keep, err=dcfg.err, **kw)
+    _, tails = build_decomposed_model(lm.model, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha, init=init)
+    report.update(allocation=alloc, lora_tails=tails, alpha=stats.alpha if stats else None, stats_key=skey,
+                  decomposition_dir=str(cache.dir), params_after=sum(p.numel() for p in lm.model.parameters()),
+                  seconds=time.time() - t0)
+    return lm.model, report
+
+
+def allocation_frame(report):
+    """Per-matrix table: rank, factored, LRC, α, f(θ), params (Figure 6's data)."""
+    df = report["allocation"].to_frame()
+    if report.get("alpha"):
+        df["alpha"] = df["name"].map(report["alpha"])
+    return df
+
+
+def allocation_metrics(alloc) -> dict:
+    """The budget a run reached (keep fraction, ERR, kept / dense decoder parameters)."""
+    if alloc is None:
+        return {"keep_fraction": 1.0, "err": 0.0}
+    return {"keep_fraction": alloc.keep_fraction, "err": alloc.err, "params_decoder_kept": alloc.params_kept,
+            "params_decoder_dense": alloc.params_dense}
+
+
+def run_compress(params: dict, run_dir: Path) -> dict:
+    """Run kind "compress": perplexity of the compressed model on the `ppl` corpora; allocation.csv per matrix."""
+    cfg = CompressConfig.from_params(params).resolve()
+    lm = cfg.model.load()
+    model, report = compress_model(cfg.decomposition, lm, data_dir=cfg.data_dir)
+    metrics = {"params_total": report["params_after"], "params_dense_total": report["params_before"],
+               "seconds_compress": round(report["seconds"], 1), **allocation_metrics(report["allocation"])}
+    if report["allocation"] is not None:
+        allocation_frame(report).to_csv(Path(run_dir) / "allocation.csv", index=False)
+    metrics.update(corpus_perplexities(model, lm.tokenizer, cfg.perplexity, data_dir=cfg.data_dir))
+    return metrics
+
+
+def resolved_config(params: dict) -> dict:
+    """The resolved config of a compress run, as the store records it."""
+    return to_dict(CompressConfig.from_params(params).resolve())

@@ -1,0 +1,1 @@
+"""Scoring of model outputs: pure functions on strings (answer extraction, ROUGE, train/test overlap)."""
