@@ -58,7 +58,7 @@ def new_params(kind: str, params: dict, key_map: dict) -> dict:
     return out
 
 
-def new_fingerprint(kind: str, old: dict, params: dict) -> dict:
+def new_fingerprint(old: dict, params: dict) -> dict:
     fp = dict(old or {})
     if "preset_config" in fp:
         fp["profile"] = fp.pop("preset_config")
@@ -82,8 +82,7 @@ def finetune_config(old_cfg: dict | None) -> dict | None:
     return {**cfg, "training_profile": old_cfg.get("preset")}
 
 
-def v2_record(kind: str, key: str, old: dict, run_dir: Path, params: dict, fp: dict, refs: dict,
-              v1_files: dict) -> dict:
+def v2_record(kind: str, key: str, old: dict, params: dict, fp: dict, refs: dict, v1_files: dict) -> dict:
     man = dict(old.get("manifest") or v1_files.get("manifest.json") or {})
     if kind == "finetune":
         config = finetune_config(v1_files.get("finetune_config.json"))
@@ -112,13 +111,13 @@ def migrate_run(root: Path, kind: str, run_dir: Path, key_map: dict, dry: bool) 
     if not isinstance(old, dict) or old.get("format") == RECORD_FORMAT:
         return None
     params = new_params(kind, old.get("params") or {}, key_map)
-    fp = new_fingerprint(kind, old.get("fingerprint") or {}, params)
+    fp = new_fingerprint(old.get("fingerprint") or {}, params)
     key = run_key(kind, params, fp)
     refs = {n: key_map.get(r, r) for n, r in (old.get("refs") or {}).items()}
     key_map[f"{kind}/{run_dir.name}"] = f"{kind}/{key}"
     v1_files = {n: _read(run_dir / n) if n.endswith(".json") else (run_dir / n).read_text()
                 for n in BOOKKEEPING if (run_dir / n).is_file()}
-    rec = v2_record(kind, key, old, run_dir, params, fp, refs, v1_files)
+    rec = v2_record(kind, key, old, params, fp, refs, v1_files)
     target = root / kind / key
     print(f"  {kind}/{run_dir.name} -> {kind}/{key}")
     if dry:
@@ -153,7 +152,7 @@ def migrate_decompose(root: Path, d: Path, dry: bool) -> None:
                **{f"ppl_{c}": v for c, v in s["ppl_after"].items()},
                **{f"ppl_before_{c}": v for c, v in s["ppl_before"].items()}}
     old = {"metrics": metrics, "status": "ok", "key": None, "experiment": None, "preset": None}
-    rec = v2_record("compress", key, old, d, params, {}, {}, {"summary.json": s})
+    rec = v2_record("compress", key, old, params, {}, {}, {"summary.json": s})
     rec["origin"]["command"] = "deftlab decompose (before the v2 store)"
     print(f"  decompose/{d.name} -> compress/{key}")
     if dry:

@@ -2,17 +2,17 @@
 
 The one home of the decomposition defaults (DeFT's 256 calibration examples, the rank cut size G = 32, η = 1,
 OWL's λ and M, ...) and of their validation; the compress, finetune and efficiency run configs nest it. A
-fine-tuning method picks the allocator/SVD it needs when the params leave them unset (`for_method`), and a
+fine-tuning method picks the allocator/SVD it needs when the params leave them unset (`method_params`), and a
 decomposed method calibrates on its task's own training text unless `calib` says otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Literal, TypeVar
 
 from deftlab.allocate.base import Target
-from deftlab.config import ConfigError
+from deftlab.config import ConfigError, field_default, from_params
 from deftlab.decompose.targets import DEFAULT_TARGETS
 
 Allocator = Literal["deft", "welore", "owl", "uniform", "none"]
@@ -85,3 +85,14 @@ class DecompositionConfig:
         if method in METHOD_DEFAULTS and "calib" not in params:
             out["calib"] = TASK_CALIB.get(task, task)
         return {**params, **out}
+
+
+C = TypeVar("C")
+
+
+def method_config(cls: type[C], params: dict) -> C:
+    """Run config `cls` (one with `method` and `task` fields and a nested `decomposition`) from flat params, with
+    the decomposition params its method implies filled in; unset method/task take `cls`'s own defaults."""
+    default = {f.name: field_default(f) for f in fields(cls) if f.name in ("method", "task")}
+    method, task = params.get("method", default["method"]), params.get("task", default["task"])
+    return from_params(cls, DecompositionConfig.method_params(method, task, dict(params)))

@@ -34,8 +34,8 @@ from typing import Any, Literal
 import torch
 
 from deftlab.adapters.config import AdapterKind
-from deftlab.config import ConfigError, from_dict, from_params, to_dict
-from deftlab.decompose.config import DecompositionConfig
+from deftlab.config import ConfigError, from_dict, to_dict
+from deftlab.decompose.config import DecompositionConfig, method_config
 from deftlab.errors import DeftlabError
 from deftlab.manifest import write_json_atomic
 from deftlab.models import ModelConfig
@@ -81,9 +81,7 @@ class EfficiencyConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "EfficiencyConfig":
-        params = DecompositionConfig.method_params(params.get("method", "dense"), params.get("task", "arith"),
-                                                   dict(params))
-        return from_params(cls, params)
+        return method_config(cls, params)
 
     def validate(self) -> None:
         sizes = self.batch_sizes
@@ -256,7 +254,7 @@ def _adapter_to_use(cfg: EfficiencyConfig, notes: list[str]) -> str:
         return cfg.adapter
     from deftlab.surgery.quantize import check_4bit_support
 
-    device = cfg.finetune_config().model.device
+    device = cfg.model.resolve().device
     try:
         check_4bit_support(device)
         return "qlora"

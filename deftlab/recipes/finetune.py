@@ -32,8 +32,8 @@ import torch
 from deftlab import settings
 from deftlab.adapters import AdapterConfig, attach, lora_target_names, merge_for_eval
 from deftlab.adapters.config import BOTTLENECK_FIELDS, BOTTLENECK_KINDS, LORA_KINDS, AdapterKind, NonLinearity
-from deftlab.config import ConfigError, from_params, replace, to_dict
-from deftlab.decompose.config import DecompositionConfig
+from deftlab.config import ConfigError, replace, to_dict
+from deftlab.decompose.config import DecompositionConfig, method_config
 from deftlab.errors import DeftlabError
 from deftlab.eval.generate import evaluate_sets
 from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
@@ -111,9 +111,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "FinetuneConfig":
-        params = DecompositionConfig.method_params(params.get("method", "deft"), params.get("task", "arith"),
-                                                   dict(params))
-        return from_params(cls, params)
+        return method_config(cls, params)
 
     def validate(self) -> None:
         if self.optimizer == "galore" and self.adapter != "full":

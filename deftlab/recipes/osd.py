@@ -4,14 +4,14 @@ Params (experiments/osd.yaml; unknown keys are an error):
 
 - ``finetune``: the fine-tuning run. The runner passes ``{ref, dir, params, metrics}``; also accepted: a run
   directory path, ``{ref: {kind: finetune, params: {...}}}``, or the finetune params themselves (their results-store
-  key is computed exactly as the runner does, with ``make_spec``; the run must already be recorded).
+  key is computed as the runner computes a finetune run's: params + training-profile fingerprint; the run must
+  already be recorded).
 - ``codec`` (lowrank | sparse | truncsvd | magtruncsvd | osd | none), ``budget`` (fraction of each dense fp32 ΔW,
   e.g. 0.02 / "2%", or a total byte count split in proportion to matrix sizes, or "full"). Codec "none" or budget
   "full" is the uncompressed reference: base + exact ΔW.
 - optional: ``model`` (checked against the run's), ``task`` (default: the run's), ``eval_sets``, ``profile`` (a
   training profile for eval_limit, eval_batch_size, max_new_tokens, cutoff_len; default: the one the fine-tuning
-  run recorded), ``eval_limit``, ``eval`` (false
-  skips generation), ``grad_at`` (base | truncated | finetuned | none; see deftlab.delta.extract),
+  run recorded), ``eval_limit``, ``eval`` (false skips generation), ``grad_at`` (base | truncated | finetuned | none; see deftlab.delta.extract),
   ``grad_batches``, ``grad_batch_size``, ``value_dtype``, ``codec_options`` (e.g. {rank: 4}), ``seed``,
   ``device``.
 
@@ -112,22 +112,18 @@ def write_per_matrix_csv(path: Path, rows: list[dict]) -> None:
                         "k": meta.get("k"), "s_u": meta.get("s_u"), "s_v": meta.get("s_v"), "c": meta.get("c")})
 
 
-def run_config(run_dir: str | os.PathLike) -> dict:
-    """The resolved config a recorded fine-tuning run used (its record's "config")."""
-    return read_record(run_dir).get("config") or {}
-
-
-def eval_profile(ft_dir: Path, name: str | None) -> TrainProfile:
-    """The training profile a run was evaluated with (from its record), else profile `name`."""
-    saved = run_config(ft_dir).get("training_profile")
+def eval_profile(ft_record: dict) -> TrainProfile:
+    """The training profile a fine-tuning run was evaluated with (from its record), else the one it names."""
+    saved = (ft_record.get("config") or {}).get("training_profile")
     if saved:
         return from_dict(TrainProfile, saved)
+    name = (ft_record.get("params") or {}).get("profile")
     return load_profile(name) if name else TrainProfile()
 
 
-def run_task(run_dir: str | os.PathLike, name: str | None = None):
+def run_task(ft_record: dict, name: str | None = None):
     """The run's task exactly as fine-tuning built it (data_dir, task options), or task `name` if it differs."""
-    params = read_record(run_dir).get("params") or {}
+    params = ft_record.get("params") or {}
     run_name = params.get("task", "arith")
     if name and name != run_name:
         return get_task(name)
@@ -160,16 +156,17 @@ def export_run(run_dir: str | os.PathLike, codec: str, budget: Any, out_path: st
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataNotFoundError(f"run directory {run_dir} not found", "pass a recorded fine-tuning run's directory")
+    record = read_record(run_dir)
     lm, ft = load_finetuned(run_dir)
     base_lm = load_base_for(lm, ft, device=device or _device_of(ft))
     batches = None
     if codec == "osd" and grad_at != "none":
-        batches = gradient_batches(run_task(run_dir, task), base_lm.tokenizer, n_batches=grad_batches,
+        batches = gradient_batches(run_task(record, task), base_lm.tokenizer, n_batches=grad_batches,
                                    batch_size=grad_batch_size, cutoff_len=cutoff_len)
     tag = str(budget).replace("%", "pct").replace("/", "_")
     out = Path(out_path) if out_path else run_dir / f"delta-{codec}-{tag}.safetensors"
     meta = {"run_id": run_dir.name, "run_dir": str(run_dir.resolve()),
-            "task": task or run_config(run_dir).get("task")}
+            "task": task or (record.get("config") or {}).get("task")}
     return export_updates(base_lm, ft, codec, budget, out, batches=batches, grad_at=grad_at,
                           value_dtype=value_dtype, codec_options=codec_options, metadata=meta)
 
@@ -183,14 +180,13 @@ def _check_params(params: dict) -> None:
             raise DeftlabError(f"osd run: missing param '{need}'", "see deftlab.recipes.osd for the params")
 
 
-def eval_settings(params: dict, ft_dir: Path, ft_params: dict, task) -> tuple[TrainProfile, list[str]]:
+def eval_settings(params: dict, ft_record: dict, task) -> tuple[TrainProfile, list[str]]:
     """(training profile with the run's evaluation overrides, evaluation sets) an osd run evaluates with."""
-    profile = (load_profile(params["profile"]) if params.get("profile")
-               else eval_profile(ft_dir, ft_params.get("profile")))
+    profile = load_profile(params["profile"]) if params.get("profile") else eval_profile(ft_record)
     overrides = {k: params[k] for k in ("eval_limit", "eval_batch_size", "max_new_tokens") if k in params}
     if overrides:
         profile = replace(profile, **overrides)
-    eval_sets = list(params.get("eval_sets") or run_config(ft_dir).get("eval_sets") or profile.eval_sets
+    eval_sets = list(params.get("eval_sets") or (ft_record.get("config") or {}).get("eval_sets") or profile.eval_sets
                      or task.default_eval_sets)
     return profile, eval_sets
 
@@ -198,9 +194,10 @@ def eval_settings(params: dict, ft_dir: Path, ft_params: dict, task) -> tuple[Tr
 def resolved_config(params: dict) -> dict:
     """What an osd run will use (codec, budget, the evaluation profile and sets), as the store records it."""
     _check_params(params)
-    ft_dir, ft_rec = resolve_finetune(params["finetune"])
-    task = run_task(ft_dir, params.get("task"))
-    profile, eval_sets = eval_settings(params, ft_dir, ft_rec.get("params") or {}, task)
+    ft_dir, _ = resolve_finetune(params["finetune"])
+    ft_record = read_record(ft_dir)  # read once; the helpers below take it
+    task = run_task(ft_record, params.get("task"))
+    profile, eval_sets = eval_settings(params, ft_record, task)
     return {"finetune": str(ft_dir.name), "task": task.name, "codec": params["codec"], "budget": params["budget"],
             "grad_at": params.get("grad_at", "base"), "value_dtype": params.get("value_dtype", "float32"),
             "eval": params.get("eval", True), "eval_sets": eval_sets, "eval_limit": profile.eval_limit,
@@ -217,10 +214,11 @@ def run_osd(params: dict, run_dir) -> dict:
     value_dtype = params.get("value_dtype", "float32")
     torch.manual_seed(int(params.get("seed", 0)))
 
-    ft_dir, ft_rec = resolve_finetune(params["finetune"])
-    ft_params, ft_metrics = ft_rec.get("params") or {}, ft_rec.get("metrics") or {}
-    task = run_task(ft_dir, params.get("task"))
-    profile, eval_sets = eval_settings(params, ft_dir, ft_params, task)
+    ft_dir, _ = resolve_finetune(params["finetune"])
+    ft_record = read_record(ft_dir)  # read once; the helpers below take it
+    ft_metrics = ft_record.get("metrics") or {}
+    task = run_task(ft_record, params.get("task"))
+    profile, eval_sets = eval_settings(params, ft_record, task)
 
     lm, ft = load_finetuned(ft_dir)
     if params.get("model") and params["model"] != lm.spec.name:

@@ -122,7 +122,6 @@ class Lease:
     run_dir: Path
     ref: str
     attempt: int = 1
-    taken_over: dict | None = None  # the stale lease this one replaced
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     started_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -200,7 +199,7 @@ def claim(run_dir: Path, ref: str, timeout: float | None = None) -> Lease:
         os.mkdir(marker)
     except FileExistsError:  # another process won the takeover a moment ago
         raise RunInProgressError(ref, read_lease(run_dir) or {"host": "?", "pid": "?"}, 0.0) from None
-    lease = Lease(run_dir, ref, attempt=int((old or {}).get("attempt", 1)) + 1, taken_over=old)
+    lease = Lease(run_dir, ref, attempt=int((old or {}).get("attempt", 1)) + 1)
     lease.write()
     log.warning("run %s: resuming the interrupted attempt in %s (owner %s pid %s, heartbeat %.0f s ago)", ref,
                 run_dir, (old or {}).get("host"), (old or {}).get("pid"), age)

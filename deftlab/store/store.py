@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 RECORD = "record.json"
 RECORD_FORMAT = "deftlab-record-v2"
-# files of a run directory that are bookkeeping, not artifacts
-_PRIVATE = (LEASE_FILE, RECORD)
 
 
 def _stamp() -> str:
@@ -78,9 +76,9 @@ def read_record(run_dir: str | os.PathLike) -> dict:
 
 
 def artifact_list(run_dir: Path) -> list[str]:
+    """Every file of a run directory but its record and dot-files (the lease, temp files)."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-                  if p.is_file() and p.name not in _PRIVATE and not p.name.startswith(".")
-                  and not any(part.startswith(".takeover-") for part in p.relative_to(run_dir).parts))
+                  if p.is_file() and p.name != RECORD and not p.name.startswith("."))
 
 
 class ResultsStore:
@@ -122,9 +120,9 @@ class ResultsStore:
                                           f"{who}, heartbeat {age:.0f} s ago")
             return None, RecordStatus("missing")
         try:
-            rec = check_record(json.loads(path.read_text()), str(path))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, DeftlabError) as e:
-            return None, RecordStatus("corrupt", f"{type(e).__name__}: {e}")
+            rec = read_record(path.parent)
+        except DeftlabError as e:
+            return None, RecordStatus("corrupt", str(e))
         return rec, RecordStatus("done")
 
     def status(self, kind: str, key: str) -> RecordStatus:
