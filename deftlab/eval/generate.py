@@ -89,8 +89,13 @@ class _StopOnStrings:
 
 @torch.inference_mode()
 def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
-                 stop_strings: Sequence[str] = (), progress: bool = True, desc: str = "generate") -> list[list[int]]:
-    """Greedy continuations as new-token id lists (cut after EOS or the step a stop string appeared)."""
+                 stop_strings: Sequence[str] = (), progress: bool = True, desc: str = "generate",
+                 num_beams: int = 1) -> list[list[int]]:
+    """Greedy (num_beams 1) or beam-search continuations as new-token id lists, cut after EOS or the step a stop
+    string appeared. Beam search (LLM-Adapters' protocol) runs without the per-row stop criterion, whose rows
+    are the batch's, not its beams'; callers cut the decoded text at the stop strings instead."""
+    if num_beams < 1:
+        raise DeftlabError(f"num_beams must be positive, got {num_beams}")
     if max_new_tokens < 1:
         raise DeftlabError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if batch_size < 1:
@@ -105,8 +110,8 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: in
     results: list[list[int] | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
-    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                               eos_token_id=eos_ids or None, use_cache=True)
+    gen_cfg = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                               pad_token_id=pad_id, eos_token_id=eos_ids or None, use_cache=True)
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="ex")
     try:
         for b in range(0, len(order), batch_size):
@@ -117,7 +122,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: in
             for r, i in enumerate(idx):  # LEFT padding: the last prompt token of every row sits at column n-1
                 ids[r, n - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, n - len(encoded[i]):] = 1
-            stopper = _StopOnStrings(tokenizer, stop_strings, n, len(idx))
+            stopper = _StopOnStrings(tokenizer, stop_strings if num_beams == 1 else (), n, len(idx))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                                  stopping_criteria=StoppingCriteriaList([stopper]))
             new = out[:, n:].tolist()
@@ -184,6 +189,24 @@ def response_nll(model, tokenizer, examples, *, cutoff_len: int, batch_size: int
     return rows
 
 
+def _answer_nll(model, tokenizer, examples, lines: list[dict], cutoff_len: int, batch_size: int,
+                progress: bool) -> dict:
+    """NLL per reference-answer token over the examples that have a reference (all, and the non-overlapping ones);
+    each prediction line gets its own answer_nll / answer_tokens."""
+    idx = [i for i, e in enumerate(examples) if e.response]
+    rows = response_nll(model, tokenizer, [examples[i] for i in idx], cutoff_len=cutoff_len, batch_size=batch_size,
+                        progress=progress)
+    out: dict = {}
+    for part, keep in (("", lambda line: True), ("_non_overlap", lambda line: not line.get("overlaps_train", False))):
+        chosen = [r for i, r in zip(idx, rows) if keep(lines[i])]
+        tokens = sum(r["tokens"] for r in chosen)
+        out[f"answer_nll{part}"] = sum(r["nll"] for r in chosen) / tokens if tokens else None
+        out[f"answer_tokens{part}"] = tokens
+    for i, r in zip(idx, rows):
+        lines[i].update(answer_nll=r["nll"] / r["tokens"] if r["tokens"] else None, answer_tokens=r["tokens"])
+    return out
+
+
 def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -194,12 +217,15 @@ def _jsonable(v):
 
 def evaluate_task(model, tokenizer, task, dataset_name: str, *, limit: int | None = None, batch_size: int = 8,
                   out_dir: str | os.PathLike, max_new_tokens: int | None = None, cutoff_len: int = 1024,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, num_beams: int = 1, answer_nll: bool = False) -> dict:
     """Evaluate `task` on `dataset_name`; write every prediction and the metrics; return the metrics.
 
     Files: <out_dir>/<dataset>.predictions.jsonl (one line per item: index, question, gold, output (cut at
-    the first stop string), raw_output (as generated), extracted, correct [, overlaps_train]) and <out_dir>/<dataset>.metrics.json. Generative tasks use greedy
-    decoding with the task's stop strings; the text task reports perplexity over its held-out documents.
+    the first stop string), raw_output (as generated), extracted, correct [, overlaps_train]) and
+    <out_dir>/<dataset>.metrics.json. Generative tasks use greedy decoding (or `num_beams`-beam search) with the
+    task's stop strings; the text task reports perplexity over its held-out documents. answer_nll=True adds the
+    teacher-forced NLL per token of the reference answers (answer_nll, and answer_nll_non_overlap on the items
+    that do not overlap the training questions), a loss that still orders models whose accuracies are near 0.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,17 +237,20 @@ def evaluate_task(model, tokenizer, task, dataset_name: str, *, limit: int | Non
         mnt = max_new_tokens or task.max_new_tokens
         ids = generate_ids(model, tokenizer, [e.prompt for e in examples], max_new_tokens=mnt,
                            batch_size=batch_size, stop_strings=task.stop_strings, progress=progress,
-                           desc=f"{task.name}/{dataset_name}")
+                           desc=f"{task.name}/{dataset_name}", num_beams=num_beams)
         seconds = time.perf_counter() - t0
         raw = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         outputs = [cut_at_stop(r, task.stop_strings) for r in raw]  # what scoring sees
         items, metrics = task.score(dataset_name, examples, outputs)
         lines = [{"index": i, "question": e.question, "gold": e.gold, "output": o, "raw_output": r, **it}
                  for i, (e, o, r, it) in enumerate(zip(examples, outputs, raw, items, strict=True))]
+        if answer_nll:
+            metrics.update(_answer_nll(model, tokenizer, examples, lines, cutoff_len, batch_size, progress))
         new_tokens = sum(len(r) for r in ids)
         metrics.update({"max_new_tokens": mnt, "generation_seconds": seconds,
                         "new_tokens_per_s": new_tokens / seconds if seconds > 0 else None,
-                        "decoding": "greedy, KV cache, left padding", "stop_strings": list(task.stop_strings)})
+                        "decoding": ("greedy" if num_beams == 1 else f"beam search ({num_beams} beams)")
+                        + ", KV cache, left padding", "stop_strings": list(task.stop_strings)})
     else:
         rows = response_nll(model, tokenizer, examples, cutoff_len=cutoff_len, batch_size=batch_size,
                             progress=progress)
@@ -245,12 +274,13 @@ def evaluate_task(model, tokenizer, task, dataset_name: str, *, limit: int | Non
 
 def evaluate_sets(model, tokenizer, task, out_dir: str | os.PathLike, *, eval_sets: Sequence[str] | None = None,
                   limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
-                  cutoff_len: int = 1024, progress: bool = True, reuse: bool = False) -> dict[str, dict]:
+                  cutoff_len: int = 1024, progress: bool = True, reuse: bool = False,
+                  num_beams: int = 1, answer_nll: bool = False) -> dict[str, dict]:
     """`evaluate_task` on every eval set (default: the task's), plus <out_dir>/metrics.json with all of them.
 
     reuse=True keeps each set whose <set>.metrics.json an earlier attempt wrote into `out_dir` (a resumed run
     evaluates only the sets it had not finished). Arguments map onto a training profile's eval_sets,
-    eval_limit, eval_batch_size, max_new_tokens and cutoff_len.
+    eval_limit, eval_batch_size, max_new_tokens, cutoff_len, num_beams and answer_nll.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +295,6 @@ def evaluate_sets(model, tokenizer, task, out_dir: str | os.PathLike, *, eval_se
                 pass  # a torn write cannot happen (atomic), but an edited file can: evaluate again
         results[name] = evaluate_task(model, tokenizer, task, name, limit=limit, batch_size=batch_size,
                                       out_dir=out_dir, max_new_tokens=max_new_tokens, cutoff_len=cutoff_len,
-                                      progress=progress)
+                                      progress=progress, num_beams=num_beams, answer_nll=answer_nll)
     write_json_atomic(out_dir / "metrics.json", results)
     return results

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deftlab.experiments.registry import ColumnSpec, Experiment, paper_figures_dir
+from deftlab.scoring.intervals import accuracy_interval
 from deftlab.experiments.runner import RunSpec, records_for
 from deftlab.manifest import write_json_atomic
 from deftlab.store import ResultsStore
@@ -90,6 +91,11 @@ class Cell:
     paper: float | None = None
     paper_source: str | None = None
     runs: tuple[str, ...] = ()  # store keys of the recorded runs behind the cell
+    ci: tuple[float, float] | None = None  # 95% interval of a one-run accuracy, in display units
+
+    @property
+    def paper_outside_ci(self) -> bool:
+        return self.ci is not None and self.paper is not None and not self.ci[0] <= self.paper <= self.ci[1]
 
     @property
     def delta(self) -> float | None:
@@ -107,6 +113,8 @@ class Cell:
             ours = _fmt(col, self.ours)
             if self.std is not None and col.std:
                 ours += " ± " + _fmt(col, self.std)
+            if self.ci is not None:
+                ours += f" [{_fmt(col, self.ci[0])}, {_fmt(col, self.ci[1])}]"
             if self.n_runs < self.n_expected:
                 ours += f" [{self.n_runs}/{self.n_expected} runs]"
         if self.paper is None:
@@ -114,7 +122,8 @@ class Cell:
         paper = _fmt(col, self.paper)
         if self.delta is None:
             return f"{ours} (paper {paper})"
-        return f"{ours} (paper {paper}, {_fmt_delta(col, self.delta)})"
+        mark = "†" if self.paper_outside_ci else ""
+        return f"{ours} (paper {paper}, {_fmt_delta(col, self.delta)}{mark})"
 
 
 @dataclass
@@ -172,6 +181,7 @@ class TableResult:
                 rows.append({"row": label, "column": col_label, "metric": c.column.metric,
                              "pivot": c.pivot, "ours": c.ours, "std": c.std, "n_runs": c.n_runs,
                              "n_expected": c.n_expected, "paper": c.paper, "delta": c.delta,
+                             "ci_low": c.ci[0] if c.ci else None, "ci_high": c.ci[1] if c.ci else None,
                              "paper_source": c.paper_source, "cell": c.text(), "run": " ".join(c.runs)})
         return pd.DataFrame(rows)
 
@@ -213,6 +223,16 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 def _tex(s: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def _accuracy_ci(col: ColumnSpec, metrics: dict) -> tuple[float, float] | None:
+    """The 95% interval of the first of the column's metric names the run reports, in display units."""
+    lowered = {k.lower(): v for k, v in metrics.items()}
+    for name in col.metric.lower().split("|"):
+        if lowered.get(name) is not None:
+            iv = accuracy_interval(lowered, name)
+            return None if iv is None else (_display(col, iv[0]), _display(col, iv[1]))
+    return None
 
 
 def _row_label(exp: Experiment, key: tuple) -> str:
@@ -286,6 +306,8 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
             if vals:
                 cell.ours = statistics.fmean(vals)
                 cell.std = statistics.stdev(vals) if len(vals) > 1 else None
+            if len(recs) == 1 and c.pct:
+                cell.ci = _accuracy_ci(c, recs[0]["metrics"])
             if (rk, pv, c.metric) in refs:
                 cell.paper, cell.paper_source = refs[(rk, pv, c.metric)]
             row_cells.append(cell)
@@ -293,6 +315,10 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
     distinct = {s.ref: rec for s, rec in pairs}
     missing = sum(1 for rec in distinct.values() if rec is None)
     notes = table_notes(exp, preset, pairs, len(distinct), missing)
+    if any(c.ci for row in cells for c in row):
+        notes.append("Accuracies of one run show their 95% interval [low, high]: Wilson score on the set's problems; "
+                     "Avg.: the pooled count for equal sets, else a normal approximation of the mean "
+                     "(deftlab.scoring.intervals). † marks a paper number outside our interval")
     covered = {(rk, pv) for rk in row_keys for pv in pivots}
     if ref and ref.entries:
         outside = {(tuple(_norm(e.row.get(r)) for r in t.rows), _norm(e.row.get(t.pivot)) if t.pivot else None)
@@ -385,6 +411,8 @@ def table_notes(exp: Experiment, preset: str, pairs: list[tuple[RunSpec, dict | 
     else:
         notes.append(f"Paper numbers: {ref.paper}, {ref.source}" + (f" ({ref.url})" if ref.url else "")
                      + (f"; backbone {ref.model}" if ref.model else ""))
+        if ref.note:  # the paper's own caveats (shifted labels, sums that do not add up), never corrected
+            notes.append(f"About the paper's numbers: {ref.note}")
         if ref.model and models and models != [ref.model]:
             notes.append(f"The paper's numbers come from {ref.model}, a different (larger) model than this "
                          f"preset's {', '.join(models)}: compare trends and differences, not absolute values")

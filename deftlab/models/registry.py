@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from deftlab.config import from_dict, load_yaml
 from deftlab.errors import DeftlabError, UnknownNameError
@@ -24,6 +24,8 @@ class ModelSpec:
     dtype: DTypeName = "float32"
     params: str | None = None
     description: str = ""
+    # the HF config fields of the architecture (model_type, hidden_size, ...): shapes for deftlab.models.meta
+    arch: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.source == "gguf_package" and not (self.package and self.gguf_file):

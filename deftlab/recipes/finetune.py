@@ -301,7 +301,8 @@ def evaluate_profile(model, tokenizer, task, out_dir: Path, *, eval_sets, profil
     """`evaluate_sets` with a training profile's evaluation settings, reusing sets an earlier attempt finished."""
     return evaluate_sets(model, tokenizer, task, out_dir, eval_sets=list(eval_sets), limit=profile.eval_limit,
                          batch_size=profile.eval_batch_size, max_new_tokens=profile.max_new_tokens,
-                         cutoff_len=profile.cutoff_len, progress=progress, reuse=True)
+                         cutoff_len=profile.cutoff_len, progress=progress, reuse=True, num_beams=profile.num_beams,
+                         answer_nll=profile.answer_nll)
 
 
 def _finite(v):
@@ -312,6 +313,7 @@ def _finite(v):
 
 def summarize_eval(results: dict[str, dict], prefix: str = "") -> dict:
     """Flat metrics from per-set results: acc_<set>, acc_<set>_non_overlap, n_<set>, n_overlap_<set>, avg,
+    answer_nll_<set>[_non_overlap] (held-out answer loss),
     rouge1/2/L (one set) or <set>_rouge*, ppl_<set> (perplexity tasks)."""
     out: dict[str, Any] = {}
     accs = []
@@ -322,7 +324,9 @@ def summarize_eval(results: dict[str, dict], prefix: str = "") -> dict:
             out[f"acc_{key}"] = _finite(m["accuracy"])
             accs.append(m["accuracy"])
             for src, dst in (("accuracy_non_overlap", f"acc_{key}_non_overlap"), ("n", f"n_{key}"),
-                             ("n_overlap", f"n_overlap_{key}"), ("n_non_overlap", f"n_non_overlap_{key}")):
+                             ("n_overlap", f"n_overlap_{key}"), ("n_non_overlap", f"n_non_overlap_{key}"),
+                             ("answer_nll", f"answer_nll_{key}"),
+                             ("answer_nll_non_overlap", f"answer_nll_{key}_non_overlap")):
                 if src in m:
                     out[dst] = _finite(m[src])
         if "rougeL" in m:
@@ -337,6 +341,9 @@ def summarize_eval(results: dict[str, dict], prefix: str = "") -> dict:
             out[f"gen_tokens_per_s_{key}"] = m["new_tokens_per_s"]
     if accs:
         out["avg"] = sum(accs) / len(accs)
+    nll = [(m["answer_nll"], m["answer_tokens"]) for m in results.values() if m.get("answer_nll") is not None]
+    if nll:  # over all evaluated reference-answer tokens
+        out["answer_nll"] = sum(v * t for v, t in nll) / sum(t for _, t in nll)
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 

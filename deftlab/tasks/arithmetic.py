@@ -37,6 +37,8 @@ class ArithmeticTask(Task):
             raise DeftlabError(f"unknown prompt_style '{prompt_style}'", "use 'plain' or 'llm-adapters'")
         self.name = name
         self.prompt_style = prompt_style
+        if prompt_style == "llm-adapters":  # their evaluate.py scores everything after "### Response:", uncut
+            self.stop_strings = ()
         self.data_dir = data_dir
         self._train_source = train_source or self._load_train
         self._test_source = test_source or self._load_test

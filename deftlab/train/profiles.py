@@ -48,8 +48,10 @@ class TrainProfile:
     lora_r: int = 32
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    # q,k,v,gate,up,down reproduces DeFT's printed #Trainable at r=32 (72M LLaMA-7B, 112M LLaMA-2 13B, 357M
+    # LLaMA-65B; tests/unit/test_paper_params.py); the paper does not list its targets
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     # data
     train_limit: int | None = None  # training subset size (None: all)
     eval_limit: int | None = None  # first N problems of each test set (None: all)
@@ -57,6 +59,8 @@ class TrainProfile:
     # generation
     max_new_tokens: int | None = None  # None: the task's default (arith 256)
     eval_batch_size: int = 16
+    num_beams: int = 1  # 1: greedy; LLM-Adapters' evaluation (cited by DeFT) uses 4-beam search
+    answer_nll: bool = True  # also the teacher-forced NLL of each test set's reference answers (held-out loss)
     # runtime
     precision: Precision = "auto"  # auto: bf16-mixed on a bf16-capable GPU, 32-true otherwise
     seed: int = 42
@@ -69,7 +73,7 @@ class TrainProfile:
                 raise ConfigError(f"profile '{self.name}': {name} must be positive, got {getattr(self, name)}")
 
         for n in ("lr", "batch_size", "micro_batch_size", "epochs", "cutoff_len", "lora_r", "lora_alpha",
-                  "eval_batch_size", "save_every_n_steps", "log_every_n_steps"):
+                  "eval_batch_size", "num_beams", "save_every_n_steps", "log_every_n_steps"):
             positive(n)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"profile '{self.name}': batch_size {self.batch_size} is not a multiple of "

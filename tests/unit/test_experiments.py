@@ -21,6 +21,7 @@ from deftlab import store as store_mod
 from deftlab.experiments import kinds, registry, runner, sweep, tables
 from deftlab.experiments.registry import load_all, load_experiment
 from deftlab.experiments.runner import RunFailedError, execute, expand, make_spec, plan, run_experiment
+from deftlab.scoring.intervals import wilson
 from deftlab.store import ResultsStore, run_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,8 +115,8 @@ def test_reference_numbers_are_sourced_or_marked_unavailable():
         assert ref is not None, name
         if ref.entries:
             assert ref.paper and (ref.source or all(e.source for e in ref.entries)), name
-        else:
-            assert "not available here" in ref.note, name
+        else:  # no numbers: the note says so (papers not readable, or not entered yet)
+            assert "not available here" in ref.note or "not entered yet" in ref.note, name
 
 
 def test_make_file_has_a_target_per_experiment():
@@ -413,6 +414,39 @@ def test_table_pivot_pct_scale_and_missing_metric(tmp_path):
         assert [c.text() for c in res.cells[2]] == ["50.0", "2.0", "—", "n/a", "n/a", "n/a"]  # c ran at bs=1 only
     finally:
         kinds.unregister_kind("counting")
+
+
+def test_one_run_accuracies_carry_their_95_interval_and_mark_a_paper_number_outside_it(tmp_path):
+    kinds.register_kind("scored", lambda p, d: {"acc_gsm8k": p["acc"], "n_gsm8k": 50, "acc_svamp": 0.1,
+                                                  "n_svamp": 50, "avg": (p["acc"] + 0.1) / 2}, replace=True)
+    try:
+        (tmp_path / "ci.yaml").write_text(textwrap.dedent("""
+            name: ci
+            title: Intervals
+            source: {paper: P, item: Table 1}
+            kind: scored
+            grid: {acc: [0.5, 0.2]}
+            presets: {cpu-small: {}}
+            table:
+              rows: [acc]
+              columns:
+                - {metric: acc_gsm8k, label: GSM8K, fmt: "{:.1f}", pct: true}
+                - {metric: avg, label: Avg, fmt: "{:.1f}", pct: true}
+            reference:
+              entries: [{row: {acc: 0.5}, values: {acc_gsm8k: 60.0}}, {row: {acc: 0.2}, values: {acc_gsm8k: 60.0}}]
+            """))
+        exp = load_experiment("ci", tmp_path)
+        store = ResultsStore(tmp_path / "r")
+        run_experiment(exp, None, store)
+        res = tables.build_table(exp, None, store)
+        half, fifth = res.cells[0][0], res.cells[1][0]
+        assert half.text() == "50.0 [36.6, 63.4] (paper 60.0, −10.0)"  # 60 lies inside: no mark
+        assert fifth.text().endswith("(paper 60.0, −40.0†)") and fifth.paper_outside_ci
+        assert res.cells[0][1].ci == pytest.approx(tuple(100 * a for a in wilson(30, 100)))  # Avg: pooled 30/100
+        assert any("95% interval" in n for n in res.notes)
+        assert {"ci_low", "ci_high"} <= set(res.frame().columns)
+    finally:
+        kinds.unregister_kind("scored")
 
 
 # --- figures ------------------------------------------------------------------------------------------------------

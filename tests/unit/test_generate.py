@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from deftlab.eval.generate import cut_at_stop, evaluate_sets, evaluate_task, generate, generate_ids
+from deftlab.data.generated import generate_arith
+from deftlab.eval.generate import (cut_at_stop, evaluate_sets, evaluate_task, generate, generate_ids,
+                                    response_nll)
 from deftlab.models.tiny import TinyTokenizer, tiny_llama
 from deftlab.tasks.arithmetic import ArithmeticTask
 from deftlab.tasks.text import TextTask
@@ -84,3 +86,38 @@ def test_evaluate_text_task_reports_perplexity(model, tok, tmp_path):
     assert len((tmp_path / "heldout.predictions.jsonl").read_text().splitlines()) == 2
     # token count: each text + EOS, first token (BOS) never predicted
     assert m["tokens"] == sum(len(t) + 1 for t in texts[4:])
+
+
+def test_beam_search_matches_hf_beam_search_and_ignores_the_stop_criterion(model, tok):
+    """num_beams > 1 (LLM-Adapters' 4-beam protocol): same tokens as HF's own beam search on the unpadded prompt,
+    batched or one by one, with stop strings applied to the text afterwards rather than per row."""
+    ids = tok.encode(PROMPTS[1])
+    ref = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, num_beams=4,
+                         pad_token_id=0, eos_token_id=2)[0, len(ids):].tolist()
+    greedy = generate_ids(model, tok, [PROMPTS[1]], max_new_tokens=12, progress=False)[0]
+    beam = generate_ids(model, tok, [PROMPTS[1]], max_new_tokens=12, num_beams=4, progress=False)[0]
+    assert beam == ref[: len(beam)] and beam != greedy
+    stopped = generate_ids(model, tok, [PROMPTS[1]], max_new_tokens=12, num_beams=4, stop_strings=["x"],
+                           progress=False)[0]
+    assert stopped == beam
+    with pytest.raises(Exception, match="num_beams"):
+        generate_ids(model, tok, [PROMPTS[1]], max_new_tokens=4, num_beams=0, progress=False)
+
+
+def test_answer_nll_is_the_teacher_forced_loss_of_the_reference_answers(model, tok, tmp_path):
+    task = ArithmeticTask(eval_sets=("generated",))
+    recs = generate_arith(6, seed=1)
+    task._test_source = lambda name: recs
+    task._train_source = lambda: recs[:2]  # two test questions overlap the training data
+    m = evaluate_task(model, tok, task, "generated", out_dir=tmp_path, max_new_tokens=4, cutoff_len=1024,
+                      progress=False, answer_nll=True)
+    examples = task.eval_examples("generated")
+    rows = response_nll(model, tok, examples, cutoff_len=1024, progress=False)
+    assert m["answer_nll"] == pytest.approx(sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows))
+    clean = rows[2:]
+    assert m["answer_nll_non_overlap"] == pytest.approx(sum(r["nll"] for r in clean) / sum(r["tokens"] for r in clean))
+    assert m["answer_nll"] != m["answer_nll_non_overlap"]
+    lines = [json.loads(x) for x in (tmp_path / "generated.predictions.jsonl").read_text().splitlines()]
+    assert all(line["answer_tokens"] > 0 for line in lines)
+    assert "answer_nll" not in evaluate_task(model, tok, task, "generated", out_dir=tmp_path / "b", max_new_tokens=4,
+                                             progress=False)

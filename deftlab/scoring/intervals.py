@@ -1,0 +1,58 @@
+"""95% intervals for accuracies: Wilson score for one test set, a normal approximation for a mean of sets.
+
+At 50 problems per set an accuracy near 50% carries about ±13 points, so tables print the interval beside every
+accuracy and mark where the paper's number lies outside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+Z95 = 1.959963984540054
+
+
+def wilson(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion correct/n (as fractions); (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if correct <= 0 else max(0.0, centre - half)  # exact ends: no 1e-18 left by rounding
+    hi = 1.0 if correct >= n else min(1.0, centre + half)
+    return lo, hi
+
+
+def mean_interval(props: Sequence[float], ns: Sequence[int], z: float = Z95) -> tuple[float, float]:
+    """Interval of the unweighted mean of several sets' proportions (DeFT's Avg.).
+
+    Equal set sizes: the Wilson interval of the pooled count (the mean is then the pooled proportion). Otherwise a
+    normal approximation with variance Σ p_i(1-p_i)/n_i / k², clipped to [0, 1].
+    """
+    if len(props) != len(ns) or not props:
+        raise ValueError("need one size per proportion")
+    if len(set(ns)) == 1:
+        return wilson(sum(p * ns[0] for p in props), ns[0] * len(props), z)
+    k = len(props)
+    mean = sum(props) / k
+    se = math.sqrt(sum(p * (1 - p) / n for p, n in zip(props, ns)) / (k * k))
+    return max(0.0, mean - z * se), min(1.0, mean + z * se)
+
+
+def accuracy_interval(metrics: Mapping[str, object], metric: str) -> tuple[float, float] | None:
+    """The interval of `acc_<set>` (from n_<set>) or of `avg` (over every acc_<set> with an n_<set>) in a run's
+    flat metrics, as fractions; None when the sizes are not recorded."""
+    if metric.startswith("acc_"):
+        n, p = metrics.get("n_" + metric[4:]), metrics.get(metric)
+        if isinstance(n, int) and isinstance(p, (int, float)):
+            return wilson(p * n, n)
+        return None
+    if metric == "avg":
+        sets = [k[4:] for k, v in metrics.items() if k.startswith("acc_") and not k.endswith("_non_overlap")
+                and isinstance(v, (int, float)) and isinstance(metrics.get("n_" + k[4:]), int)]
+        if not sets:
+            return None
+        return mean_interval([float(metrics["acc_" + s]) for s in sets], [int(metrics["n_" + s]) for s in sets])
+    return None
