@@ -11,9 +11,9 @@ DEFTLAB ?= $(PYTHON) -m deftlab
 RUN_FLAGS ?=
 
 DEFT_TABLES := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 table11 table12 table13 table14
-WELORE_TABLES := welore-table1 welore-table2 welore-table3 welore-table4 welore-table5 welore-table6
+WELORE_TABLES := welore-table1 welore-table2 welore-table3 welore-table4 welore-table5 welore-table6 welore-table7
 OTHER_TABLES := osd compression methods
-PAPER_FIGURES := fig5a fig5b fig6 fig7
+PAPER_FIGURES := fig5a fig5b fig6 fig7 welore-fig6
 FIGURE_SCRIPTS := $(PAPER_FIGURES) osd
 EXPERIMENT_TABLES := $(DEFT_TABLES) $(WELORE_TABLES) $(OTHER_TABLES)
 

@@ -41,6 +41,11 @@ def default_formatter(record: dict[str, Any]) -> str:
     )
 
 
+def calibration_picks(size: int, n: int, seed: int) -> list[int]:
+    """Indices of the `n` calibration items drawn from `size` (what `sample_calibration` takes)."""
+    return random.Random(seed).sample(range(size), n)
+
+
 def sample_calibration(
     items: Sequence[dict[str, Any] | str],
     n: int = 256,
@@ -58,7 +63,7 @@ def sample_calibration(
         raise DeftlabError(f"{n} calibration examples requested but only {len(items)} available",
                            f"lower n to at most {len(items)}")
     fmt = formatter or default_formatter
-    picks = random.Random(seed).sample(range(len(items)), n)
+    picks = calibration_picks(len(items), n, seed)
     return [items[i] if isinstance(items[i], str) else fmt(items[i]) for i in picks]
 
 

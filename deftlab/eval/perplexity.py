@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -98,24 +99,34 @@ def perplexity(model, input_ids: torch.Tensor, *, seqlen: int = 2048, batch_size
 
 def corpus_perplexities(model, tokenizer, cfg: PerplexityConfig, *, data_dir=None, progress: bool = True,
                         record: Path | None = None, corpora=None) -> dict:
-    """ppl_<corpus>, ppl_<corpus>_tokens, ppl_<corpus>_prefix for each of cfg.ppl (or `corpora`).
-
-    With `record` (a JSON file in the run directory) corpora already measured there are reused and new ones added,
-    so a resumed run does not measure them again."""
+    """ppl_<corpus>, ppl_<corpus>_tokens, ppl_<corpus>_prefix for each of cfg.ppl (or `corpora`), measured with
+    `text_perplexities` (so `record` makes a resumed run reuse what it measured)."""
     corpora = list(cfg.ppl if corpora is None else corpora)
+    texts = {c: (lambda c=c: corpus_text(c, data_dir)) for c in corpora}
+    return text_perplexities(model, tokenizer, cfg, texts, progress=progress, record=record)
+
+
+def text_perplexities(model, tokenizer, cfg: PerplexityConfig, texts: dict[str, Callable[[], str]], *,
+                      progress: bool = True, record: Path | None = None) -> dict:
+    """ppl_<name>, ppl_<name>_tokens, ppl_<name>_prefix for each named text (a callable, built only if needed),
+    windowed and capped as `cfg` says.
+
+    With `record` (a JSON file in the run directory) texts already measured there are reused and new ones added,
+    so a resumed run does not measure them again."""
     out: dict = {}
     if record is not None and record.is_file():
         try:
             out = json.loads(record.read_text())
         except json.JSONDecodeError:
             out = {}
-    for corpus in corpora:
-        if f"ppl_{corpus}" in out:
+    for name, make_text in texts.items():
+        if f"ppl_{name}" in out:
             continue
-        ids = tokenize_corpus(tokenizer, corpus_text(corpus, data_dir))
+        ids = tokenize_corpus(tokenizer, make_text())
         r = perplexity(model, ids, seqlen=cfg.ppl_seqlen, batch_size=cfg.ppl_batch_size,
-                       max_tokens=cfg.ppl_max_tokens, progress=progress, desc=f"ppl {corpus}")
-        out.update({f"ppl_{corpus}": r.ppl, f"ppl_{corpus}_tokens": r.tokens, f"ppl_{corpus}_prefix": r.prefix})
+                       max_tokens=cfg.ppl_max_tokens, progress=progress, desc=f"ppl {name}")
+        out.update({f"ppl_{name}": r.ppl, f"ppl_{name}_tokens": r.tokens, f"ppl_{name}_prefix": r.prefix})
         if record is not None:
             write_json_atomic(record, out)
-    return {k: v for k, v in out.items() if any(k == f"ppl_{c}" or k.startswith(f"ppl_{c}_") for c in corpora)}
+    wanted = {f"ppl_{n}{suffix}" for n in texts for suffix in ("", "_tokens", "_prefix")}
+    return {k: v for k, v in out.items() if k in wanted}

@@ -4,7 +4,9 @@
 paper_figures/<name>-<preset>.png. Two figure types:
 - "line": metric(s) vs a param (e.g. accuracy vs parameters preserved), one line per series, mean ± std over
   repeated runs (seeds), the paper's numbers (where recorded in `reference`) as hollow markers;
-- "layers": per-layer curves from a per-matrix CSV that a run left in its directory (DeFT Figure 6).
+- "layers": per-layer curves from a per-matrix CSV that a run left in its directory (DeFT Figure 6); with
+  `y: [rank_reduction]` alone (WeLore Figure 6: 1 − rank/full rank) one panel per matrix type instead, each
+  matrix green (LRC) or red (N-LRC) when the CSV has an `lrc` column, WeLore's LRC cut as a dotted line.
 Runs that are not recorded are left out and counted in the title, never filled in.
 """
 
@@ -130,6 +132,69 @@ def _std(v: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
+LRC_COLUMN = "lrc"  # allocation.csv: True iff more than half the matrix's rank was removed (WeLore's LRC)
+LRC_MARKED = ("rank_reduction",)  # panels on which LRC / N-LRC matrices are marked (WeLore Figure 6)
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v) if _present(v) else False
+
+
+MATRIX_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plot_by_matrix(spec, data, col: str, group: str, fig=None):
+    """WeLore Figure 6's layout: one panel per matrix type (q, k, v, o, gate, up, down), `col` per layer; with
+    an `lrc` column each matrix is green (LRC) or red (N-LRC), and WeLore's LRC cut (rank < 0.5 × full rank) is
+    the dotted line. One run: bars; several runs: one line per run, points coloured the same way."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    names = sorted(data[group].astype(str).unique(),
+                   key=lambda m: (MATRIX_ORDER.index(m) if m in MATRIX_ORDER else len(MATRIX_ORDER), m))
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    if fig is None:
+        fig = plt.figure(figsize=(3.4 * cols, 2.6 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    has_lrc = LRC_COLUMN in data.columns
+    lrc = data[LRC_COLUMN].map(_truthy) if has_lrc else None
+    runs = list(dict.fromkeys(data["_run"]))
+    for ax, name in zip(axes, names):
+        sel = data[group].astype(str) == name
+        for run in runs:
+            g = data[sel & (data["_run"] == run)].sort_values(spec.layer_column)
+            x, y = g[spec.layer_column], g[col]
+            colours = (["tab:green" if v else "tab:red" for v in lrc[g.index]] if has_lrc
+                       else ["tab:blue"] * len(g))
+            if len(runs) == 1:
+                ax.bar(x, y, color=colours, width=0.85)
+            else:
+                ax.plot(x, y, linewidth=1, label=str(run))
+                ax.scatter(x, y, c=colours, s=10, zorder=3)
+        if has_lrc:
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, axis="y")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[::cols]:
+        ax.set_ylabel(spec.ylabel or col)
+    for ax in axes[:len(names)][-cols:]:
+        ax.set_xlabel(spec.xlabel or spec.layer_column)
+    handles = [Patch(color="tab:green", label="LRC"), Patch(color="tab:red", label="N-LRC")] if has_lrc else []
+    if len(runs) > 1:
+        handles += axes[0].get_legend_handles_labels()[0]
+    if handles:
+        axes[0].legend(handles=handles, fontsize=7, loc="lower left")
+    return fig
+
+
 def plot_layers(exp: Experiment, df, fig=None):
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -152,17 +217,21 @@ def plot_layers(exp: Experiment, df, fig=None):
     if spec.layer_column not in data.columns:
         raise DeftlabError(f"{exp.name}: {spec.artifact} has no '{spec.layer_column}' column",
                            f"its columns are {list(data.columns)}")
+    if "rank_reduction" in spec.y and "rank_reduction" not in data.columns and {"rank", "full_rank"} <= set(data):
+        data["rank_reduction"] = 1.0 - data["rank"] / data["full_rank"]  # CSVs written before the column existed
     panels = [c for c in spec.y if c in data.columns]
     if not panels:
         raise DeftlabError(f"{exp.name}: {spec.artifact} has none of the columns {spec.y}",
                            f"its columns are {list(data.columns)}")
-    if fig is None:
-        fig = plt.figure(figsize=(max(4.2 * len(panels), 6.0), 3.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     group = spec.group_column
     if group and group not in data.columns and "name" in data.columns:  # "model.layers.3.mlp.up_proj" -> "up_proj"
         data[group] = data["name"].astype(str).str.rsplit(".", n=1).str[-1]
     group = group if group and group in data.columns else None
+    if group and len(panels) == 1 and panels[0] in LRC_MARKED:
+        return _plot_by_matrix(spec, data, panels[0], group, fig)
+    if fig is None:
+        fig = plt.figure(figsize=(max(4.2 * len(panels), 6.0), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     from matplotlib.ticker import MaxNLocator
 
     for i, (ax, col) in enumerate(zip(axes, panels)):

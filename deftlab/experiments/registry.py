@@ -49,10 +49,22 @@ class ColumnSpec:
     pct: bool = False  # values <= 1 are fractions: shown ×100
     std: bool = False  # show ± the standard deviation over the runs of a row (e.g. seeds)
     optional: bool = False  # drop the column when no recorded run has the metric
+    stat: Literal["mean", "std"] = "mean"  # std: the cell is the standard deviation over the row's runs (seeds)
+    # the cell is 100 × this row's mean / the mean of the row (and pivot, if given; else the same pivot) named here,
+    # e.g. {_setting: QLoRA}: "relative to QLoRA = 100%" (DeFT Figures 5b, 7)
+    relative_to: dict[str, Any] | None = None
+    key: str | None = None  # the name reference entries give this column (default: metric); tells apart columns
+    #                         of one metric (mean, std, relative)
+
+    @property
+    def ref_key(self) -> str:
+        return self.key or self.metric
 
     def validate(self) -> None:
         if not self.metric.strip():
             raise ConfigError("table column: empty metric name")
+        if self.stat == "std" and self.relative_to is not None:
+            raise ConfigError(f"table column {self.metric}: stat std with relative_to", "use one of them")
         try:
             self.fmt.format(1.0)
         except (ValueError, IndexError, KeyError) as e:
@@ -80,6 +92,13 @@ class TableSpec:
             raise ConfigError("table.rows is empty", "name the param(s) that identify a row")
         if not self.columns:
             raise ConfigError("table.columns is empty", "list at least one metric column")
+        keys = [c.ref_key for c in self.columns]
+        if len(set(keys)) < len(keys):
+            raise ConfigError("table.columns: two columns share a metric", "give one of them its own `key`")
+        for c in self.columns:
+            if c.relative_to and not set(c.relative_to) <= set(self.rows) | ({self.pivot} if self.pivot else set()):
+                raise ConfigError(f"table column {c.ref_key}: relative_to names {sorted(c.relative_to)}",
+                                  "name only the table's row keys (and its pivot)")
 
 
 @dataclass
@@ -165,7 +184,7 @@ class Experiment:
             if not self.table:
                 raise ConfigError(f"experiment {self.name}: reference entries need a table layout")
             keys = set(self.table.rows) | ({self.table.pivot} if self.table.pivot else set())
-            metrics = {c.metric for c in self.table.columns}
+            metrics = {c.ref_key for c in self.table.columns}
             for i, e in enumerate(self.reference.entries):
                 if set(e.row) != keys:
                     raise ConfigError(f"experiment {self.name}: reference.entries[{i}].row keys {sorted(e.row)} "

@@ -255,6 +255,22 @@ def _summarise(values: list[Any]) -> str:
     return vals[0] if len(vals) == 1 else ", ".join(vals[:6]) + (" …" if len(vals) > 6 else "")
 
 
+def _relative_cells(t, cells: list[list[Cell]]) -> None:
+    """Columns with `relative_to`: 100 × the row's mean / the named baseline row's mean (same pivot unless named)."""
+    for j, c0 in enumerate(cells[0] if cells else []):
+        c = c0.column
+        if c.relative_to is None:
+            continue
+        base_rk = tuple(_norm(c.relative_to.get(r)) for r in t.rows)
+        means = {(row[j].row, row[j].pivot): row[j].ours for row in cells}
+        for row in cells:
+            cell = row[j]
+            pv = _norm(c.relative_to[t.pivot]) if t.pivot and t.pivot in c.relative_to else cell.pivot
+            base = means.get((base_rk, pv))
+            cell.ours = 100.0 * cell.ours / base if cell.ours is not None and base else None
+            cell.std = None
+
+
 def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> TableResult:
     """The experiment's table for a preset, from recorded runs only."""
     if exp.table is None:
@@ -283,7 +299,7 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
         for e in ref.entries:
             rk = tuple(_norm(e.row.get(r)) for r in t.rows)
             pv = _norm(e.row.get(t.pivot)) if t.pivot else None
-            for metric, v in e.values.items():
+            for metric, v in e.values.items():  # keyed by the column's ref_key (its metric unless named)
                 refs[(rk, pv, metric)] = (v, e.source or f"{ref.paper}, {ref.source}")
     col_labels: list[str] = []
     col_keys: list[tuple[Any, ColumnSpec]] = []
@@ -306,12 +322,15 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
             if vals:
                 cell.ours = statistics.fmean(vals)
                 cell.std = statistics.stdev(vals) if len(vals) > 1 else None
-            if len(recs) == 1 and c.pct:
+            if c.stat == "std":  # the spread itself is the cell (e.g. DeFT Table 13's standard deviations)
+                cell.ours, cell.std = cell.std, None
+            elif len(recs) == 1 and c.pct and c.relative_to is None:
                 cell.ci = _accuracy_ci(c, recs[0]["metrics"])
-            if (rk, pv, c.metric) in refs:
-                cell.paper, cell.paper_source = refs[(rk, pv, c.metric)]
+            if (rk, pv, c.ref_key) in refs:
+                cell.paper, cell.paper_source = refs[(rk, pv, c.ref_key)]
             row_cells.append(cell)
         cells.append(row_cells)
+    _relative_cells(t, cells)
     distinct = {s.ref: rec for s, rec in pairs}
     missing = sum(1 for rec in distinct.values() if rec is None)
     notes = table_notes(exp, preset, pairs, len(distinct), missing)

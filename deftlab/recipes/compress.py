@@ -111,19 +111,25 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
 
 
 def allocation_frame(report):
-    """Per-matrix table: rank, factored, LRC, α, f(θ), params (Figure 6's data)."""
+    """Per-matrix table: rank, factored, LRC, α, f(θ), params (DeFT Figure 6's data), and rank_reduction =
+    1 − rank / full rank (WeLore Figure 6's layer-wise rank reduction ratio)."""
     df = report["allocation"].to_frame()
+    df["rank_reduction"] = 1.0 - df["rank"] / df["full_rank"]
     if report.get("alpha"):
         df["alpha"] = df["name"].map(report["alpha"])
     return df
 
 
 def allocation_metrics(alloc) -> dict:
-    """The budget a run reached (keep fraction, ERR, kept / dense decoder parameters)."""
+    """The budget a run reached (keep fraction, ERR, kept / dense decoder parameters) and, for WeLore, the global
+    threshold τ on the normalised singular values that reached it (`welore_tau`, WeLore Table 7's k)."""
     if alloc is None:
         return {"keep_fraction": 1.0, "err": 0.0}
-    return {"keep_fraction": alloc.keep_fraction, "err": alloc.err, "params_decoder_kept": alloc.params_kept,
-            "params_decoder_dense": alloc.params_dense}
+    out = {"keep_fraction": alloc.keep_fraction, "err": alloc.err, "params_decoder_kept": alloc.params_kept,
+           "params_decoder_dense": alloc.params_dense}
+    if alloc.method == "welore" and "tau" in alloc.info:
+        out["welore_tau"] = float(alloc.info["tau"])
+    return out
 
 
 def run_compress(params: dict, run_dir: Path) -> dict:
@@ -132,6 +138,8 @@ def run_compress(params: dict, run_dir: Path) -> dict:
     lm = cfg.model.load()
     model, report = compress_model(cfg.decomposition, lm, data_dir=cfg.data_dir)
     metrics = {"params_total": report["params_after"], "params_dense_total": report["params_before"],
+               # WeLore Table 4's "Compressed Params" (0.67× at 50%): all parameters, embeddings included
+               "params_total_fraction": report["params_after"] / report["params_before"],
                "seconds_compress": round(report["seconds"], 1), **allocation_metrics(report["allocation"])}
     if report["allocation"] is not None:
         allocation_frame(report).to_csv(Path(run_dir) / "allocation.csv", index=False)

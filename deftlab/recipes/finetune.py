@@ -9,7 +9,7 @@ Artifacts in a run directory:
     eval/<set>.predictions.jsonl eval/<set>.metrics.json eval/metrics.json
     eval_zero_shot/...          with zero_shot: the same files before training
     allocation.csv              per-matrix ranks (decomposed methods)
-    perplexity.json             ppl_<corpus> (with ppl), reused on re-runs
+    perplexity.json             ppl_<corpus> (with ppl) and ppl_train_heldout[_before], reused on re-runs
     train_peak_memory.json      the training memory peak, kept across resumed attempts
 
 Resuming: the store hands an interrupted run its own directory back, so a re-run continues training from the
@@ -33,10 +33,11 @@ from deftlab import settings
 from deftlab.adapters import AdapterConfig, attach, lora_target_names, merge_for_eval
 from deftlab.adapters.config import BOTTLENECK_FIELDS, BOTTLENECK_KINDS, LORA_KINDS, AdapterKind, NonLinearity
 from deftlab.config import ConfigError, replace, to_dict
+from deftlab.data.calibration import calibration_picks
 from deftlab.decompose.config import DecompositionConfig, method_config
 from deftlab.errors import DeftlabError
 from deftlab.eval.generate import evaluate_sets
-from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
+from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities, text_perplexities
 from deftlab.manifest import write_json_atomic
 from deftlab.models import ModelConfig
 from deftlab.recipes.compress import allocation_metrics, compress_model
@@ -45,6 +46,7 @@ from deftlab.surgery.fold import fold_tails
 from deftlab.surgery.params import count_params
 from deftlab.tasks import get_task
 from deftlab.tasks.registry import task_class
+from deftlab.tasks.splits import heldout_order, train_subset
 from deftlab.train.memory import RssSampler, peak_memory_bytes, release_free_memory
 from deftlab.train.profiles import TrainProfile, load_profile
 
@@ -108,6 +110,8 @@ class FinetuneConfig:
     adapter_scaling: float | None = None
     non_linearity: NonLinearity | None = None
     bottleneck_targets: tuple[str, ...] | None = None
+    # LoRA/QLoRA target linears (None: the profile's); OPT names its linears q,k,v,out_proj, fc1, fc2 (DeFT Table 7)
+    lora_target_modules: tuple[str, ...] | None = None
 
     @classmethod
     def from_params(cls, params: dict) -> "FinetuneConfig":
@@ -155,6 +159,8 @@ class FinetuneConfig:
             raise ConfigError(f"adapter_scaling must be a positive number, got {self.adapter_scaling}", "e.g. 1.0")
         if self.bottleneck_targets is not None and not self.bottleneck_targets:
             raise ConfigError("bottleneck_targets is empty", "name at least one module (e.g. mlp), or leave it unset")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty", "name the linears (e.g. q_proj, v_proj), or leave it unset")
 
     # --- resolution ----------------------------------------------------------------------------------------
     def resolve(self) -> "FinetuneConfig":
@@ -189,6 +195,8 @@ class FinetuneConfig:
             overrides["lora_alpha"] = int(self.lora_alpha)
         if self.eval_sets is not None:
             overrides["eval_sets"] = list(self.eval_sets)
+        if self.lora_target_modules is not None:
+            overrides["lora_target_modules"] = list(self.lora_target_modules)
         return load_profile(self.profile, **overrides)
 
     def make_task(self):
@@ -363,12 +371,51 @@ def _remember_peak(run_dir: Path, peak: int, kind: str) -> int:
     return peak
 
 
+# chars of held-out text per token of ppl_max_tokens: above the ~4 of these tokenizers, so the capped text is
+# long enough, yet a 10k-example training set is not tokenised whole for an 8k-token measurement
+_CHARS_PER_TOKEN_CAP = 8
+
+
+def heldout_train_text(cfg: FinetuneConfig, task, profile: TrainProfile) -> str | None:
+    """PPL(Train)'s text: the training distribution's examples the run never trains on (`train_subset`) nor
+    calibrates on (when the calibration is the task's own training data), in a seeded order, each as its training
+    text (prompt + response), joined with "\n\n"; None when no example is left (the run trains on all)."""
+    examples = task.train_examples()
+    n = len(examples)
+    exclude = set(train_subset(n, profile.train_limit, profile.seed))
+    d = cfg.decomposition
+    if d is not None and d.decomposes and d.calib == cfg.task and d.calib_n <= n:
+        exclude.update(calibration_picks(n, d.calib_n, d.calib_seed))
+    cap = cfg.perplexity.ppl_max_tokens
+    budget = None if cap is None else cap * _CHARS_PER_TOKEN_CAP
+    texts, size = [], 0
+    for i in heldout_order(n, exclude, profile.seed):
+        if budget is not None and size >= budget:
+            break
+        texts.append(examples[i].prompt + examples[i].response)
+        size += len(texts[-1]) + 2
+    return "\n\n".join(texts) if texts else None
+
+
+def train_heldout_perplexity(model, tok, cfg: FinetuneConfig, task, profile: TrainProfile, run_dir: Path, *,
+                             name: str, progress: bool) -> dict:
+    """ppl_<name> (+ _tokens, _prefix) on `heldout_train_text`, reusing the run's perplexity.json; {} with no
+    held-out example."""
+    text = heldout_train_text(cfg, task, profile)
+    if text is None:
+        return {}
+    return text_perplexities(model, tok, cfg.perplexity, {name: lambda: text}, progress=progress,
+                             record=run_dir / PPL_FILE)
+
+
 def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wandb_mode: str | None = None) -> dict:
     """Run kind "finetune": build → [zero-shot eval] → fit → merge → evaluate; returns flat metrics.
 
     Metrics: acc_<set> (fractions), avg, acc_<set>_non_overlap, n_overlap_<set>, params (the evaluated, merged
     model), params_total / trainable (during training, adapter included), peak_mem_mb, train_tokens_per_s,
-    train_loss_first / train_loss_last, wall_time_s, keep_fraction / err (decomposed), ppl_<corpus> (with ppl).
+    train_loss_first / train_loss_last, wall_time_s, keep_fraction / err (decomposed), ppl_<corpus> (with ppl),
+    ppl_train_heldout (after training) and, with ppl before training, ppl_train_heldout_before: PPL(Train) on
+    training-distribution examples neither trained nor calibrated on (profile flag ppl_train_heldout).
     Method dense with adapter none evaluates the model as loaded (no training).
     """
     from deftlab.train.trainer import fit  # Lightning: heavy, loaded only when a run needs it
@@ -402,8 +449,18 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
         return corpus_perplexities(m, tok, cfg.perplexity, data_dir=data_dir, progress=progress,
                                    record=run_dir / PPL_FILE)
 
+    def heldout(m, name):
+        if not profile.ppl_train_heldout:
+            return
+        got = train_heldout_perplexity(m, tok, cfg, task, profile, run_dir, name=name, progress=progress)
+        note = "no PPL(Train) on held-out examples: the run trains on every training example"
+        if not got and note not in metrics.get("notes", []):
+            metrics.setdefault("notes", []).append(note)
+        metrics.update(got)
+
     if cfg.perplexity.ppl and cfg.ppl_stage == "before":
         metrics.update(perplexities(model))
+        heldout(model, "train_heldout_before")
     if cfg.zero_shot:
         zs = evaluate_profile(model, tok, task, run_dir / ZERO_SHOT_DIR, eval_sets=cfg.eval_sets, profile=profile,
                               progress=progress)
@@ -446,6 +503,8 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
     metrics.update(summarize_eval(results))
     if cfg.perplexity.ppl and cfg.ppl_stage == "after":
         metrics.update(perplexities(model))
+    if cfg.adapter != "none":
+        heldout(model, "train_heldout")
     if cfg.perplexity.ppl:
         metrics["ppl_stage"] = cfg.ppl_stage
     metrics["wall_time_s"] = time.perf_counter() - t_start

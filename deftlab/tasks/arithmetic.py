@@ -32,12 +32,17 @@ class ArithmeticTask(Task):
     def __init__(self, *, train_source: Callable[[], object] | None = None,
                  test_source: Callable[[str], object] | None = None, eval_sets: tuple[str, ...] | None = None,
                  prompt_style: str = "plain", max_new_tokens: int | None = None, data_dir=None,
-                 name: str = "arith"):
+                 name: str = "arith", stop_at_new_example: bool | None = None):
         if prompt_style not in ("plain", "llm-adapters"):
             raise DeftlabError(f"unknown prompt_style '{prompt_style}'", "use 'plain' or 'llm-adapters'")
         self.name = name
         self.prompt_style = prompt_style
-        if prompt_style == "llm-adapters":  # their evaluate.py scores everything after "### Response:", uncut
+        # stop_at_new_example: cut generation where the model starts another Alpaca example (ALPACA_STOPS). None:
+        # the prompt style's default; llm-adapters' evaluate.py scores everything after "### Response:", uncut,
+        # which a small greedy model needs cut (it rambles into new examples until max_new_tokens)
+        if stop_at_new_example is None:
+            stop_at_new_example = prompt_style != "llm-adapters"
+        if not stop_at_new_example:
             self.stop_strings = ()
         self.data_dir = data_dir
         self._train_source = train_source or self._load_train

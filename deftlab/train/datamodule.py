@@ -3,15 +3,14 @@
 Examples are tokenised by `deftlab.tasks.encoding` (loss on the response only); an example left with no response
 token is dropped and counted.
 
-Shuffling is deterministic: the training subset is `random.Random(seed).sample`, and the order of epoch e is a
-permutation drawn from a generator seeded with seed + e. The DataModule saves (epoch, batches done) in every
+Shuffling is deterministic: the training subset is `tasks.splits.train_subset` (a `random.Random(seed)` sample),
+and the order of epoch e is a permutation drawn from a generator seeded with seed + e. The DataModule saves (epoch, batches done) in every
 checkpoint, so a resumed run continues from the next batch of the interrupted epoch instead of re-reading it.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Iterator
 
 import pytorch_lightning as pl
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from deftlab.errors import DeftlabError
 from deftlab.tasks import Task
 from deftlab.tasks.encoding import IGNORE_INDEX, PaddingCollator, encode_example, pad_id_of
+from deftlab.tasks.splits import train_subset
 
 
 class SeededBatchSampler(Sampler[list[int]]):
@@ -89,9 +89,7 @@ class TaskDataModule(pl.LightningDataModule):
         examples = self.task.train_examples()
         if not examples:
             raise DeftlabError(f"task '{self.task.name}' has no training examples", "check its data")
-        if self.limit and self.limit < len(examples):
-            keep = sorted(random.Random(self.seed).sample(range(len(examples)), self.limit))
-            examples = [examples[i] for i in keep]
+        examples = [examples[i] for i in train_subset(len(examples), self.limit, self.seed)]
         encoded = [encode_example(self.tokenizer, ex, self.cutoff_len) for ex in examples]
         self.train_set = [e for e in encoded if e is not None]
         if not self.train_set:

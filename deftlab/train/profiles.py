@@ -61,6 +61,7 @@ class TrainProfile:
     eval_batch_size: int = 16
     num_beams: int = 1  # 1: greedy; LLM-Adapters' evaluation (cited by DeFT) uses 4-beam search
     answer_nll: bool = True  # also the teacher-forced NLL of each test set's reference answers (held-out loss)
+    ppl_train_heldout: bool = True  # also PPL(Train) on training examples not trained on (recipes.finetune)
     # runtime
     precision: Precision = "auto"  # auto: bf16-mixed on a bf16-capable GPU, 32-true otherwise
     seed: int = 42

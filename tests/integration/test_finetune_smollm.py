@@ -11,7 +11,7 @@ import torch
 
 SMOLLM_PARAMS = 134_515_008
 # LoRA r on q,k,v (576→576, 576→192, 576→192) and up, down (576↔1536): r·(in+out) each, 30 blocks
-LORA_PER_RANK = 30 * ((576 + 576) + 2 * (576 + 192) + 2 * (576 + 1536))
+LORA_PER_RANK = 30 * ((576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # q, k, v, gate, up, down
 
 
 def real_data_dir() -> Path | None:

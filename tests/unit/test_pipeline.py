@@ -132,8 +132,9 @@ def test_dense_lora_run_records_lowers_loss_and_resumes(tmp_path):
     m = rec["metrics"]
     for key in ("acc_generated", "avg", "acc_generated_non_overlap", "n_overlap_generated", "params", "params_total",
                 "trainable", "peak_mem_mb", "train_tokens_per_s", "train_loss_first", "train_loss_last",
-                "wall_time_s"):
+                "wall_time_s", "ppl_train_heldout", "ppl_train_heldout_tokens"):
         assert key in m, key
+    assert 1 < m["ppl_train_heldout"] < 1e6
     assert m["train_steps"] == 6 and m["train_loss_last"] < m["train_loss_first"]
     assert 0 < m["trainable"] < m["params_total"] and m["params"] == m["params_dense"]  # merged = dense size
     # the one record: params as hashed, the resolved config with its training profile, manifest, artifacts
@@ -146,12 +147,13 @@ def test_dense_lora_run_records_lowers_loss_and_resumes(tmp_path):
         p.name for p in run_dir.iterdir()}
 
     # re-running the function in its directory neither retrains nor re-evaluates
-    pred = run_dir / "eval" / "generated.predictions.jsonl"
-    stamp = pred.stat().st_mtime_ns
+    pred, ppl_file = run_dir / "eval" / "generated.predictions.jsonl", run_dir / "perplexity.json"
+    stamps = pred.stat().st_mtime_ns, ppl_file.stat().st_mtime_ns
     again = run_finetune(params, run_dir, progress=False, wandb_mode="disabled")
     assert again["resumed_from_step"] == 6 and again["train_steps"] == 6
     assert again["train_loss_first"] == m["train_loss_first"] and again["acc_generated"] == m["acc_generated"]
-    assert pred.stat().st_mtime_ns == stamp
+    assert again["ppl_train_heldout"] == m["ppl_train_heldout"]
+    assert (pred.stat().st_mtime_ns, ppl_file.stat().st_mtime_ns) == stamps
     # and through the store the recorded run is reused as it is
     assert record(params, tmp_path)[0] == rec
 

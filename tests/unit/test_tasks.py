@@ -80,6 +80,9 @@ def test_arith_examples_use_the_plain_template():
     la = _arith(prompt_style="llm-adapters")
     assert la.train_examples()[0].prompt == T.llm_adapters_prompt(TRAIN[0]["instruction"], "train")
     assert la.eval_examples("AddSub")[0].prompt == T.llm_adapters_prompt(TEST[0]["instruction"], "eval")
+    # LLM-Adapters scores the uncut output; a small greedy model can opt back into the stop strings
+    assert la.stop_strings == () and _arith(stop_at_new_example=False).stop_strings == ()
+    assert _arith(prompt_style="llm-adapters", stop_at_new_example=True).stop_strings == T.ALPACA_STOPS
     with pytest.raises(DeftlabError):
         _arith(prompt_style="fancy")
 
