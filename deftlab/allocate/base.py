@@ -19,6 +19,10 @@ from deftlab.errors import BudgetError, DeftlabError
 
 # WeLore's fine-tuning split: a matrix is a low-rank component (LRC) iff pruned/full > 0.4999 (the "50% rule").
 LRC_RATIO = 0.4999
+# which rank-reduced matrices become two matrices: every one whose factors are smaller than dense ("break-even",
+# deftlab's default), or only the LRCs (WeLore §3: "we replace weight matrices of all LRCs ... as composition of
+# two small matrices"; an N-LRC keeps one dense matrix, rank-reduced or not)
+FACTOR_RULES = ("break-even", "lrc")
 
 
 @dataclass(frozen=True)
@@ -270,10 +274,24 @@ def effective_rank_reduction(spectra: list[MatrixSpectrum], ranks: dict[str, int
     return sum(s.full_rank - ranks[s.name] for s in spectra) / full
 
 
+def is_lrc(full: int, theta: int, lrc_ratio: float = LRC_RATIO) -> bool:
+    return (full - theta) / full > lrc_ratio
+
+
+def stored_factored(m: int, n: int, theta: int, factor: str = "break-even", lrc_ratio: float = LRC_RATIO) -> bool:
+    """Whether a rank-θ matrix is stored as two matrices under a FACTOR_RULES rule."""
+    if factor == "lrc":
+        return is_lrc(min(m, n), theta, lrc_ratio)
+    if factor != "break-even":
+        raise DeftlabError(f"unknown factor rule {factor!r}", f"use one of {', '.join(FACTOR_RULES)}")
+    return is_factored(m, n, theta)
+
+
 def make_allocation(method: str, spectra: list[MatrixSpectrum], ranks: dict[str, int], *,
                     lrc_ratio: float = LRC_RATIO, info: dict[str, Any] | None = None,
-                    energies: dict[str, Tensor] | None = None) -> Allocation:
-    """Build an Allocation from ranks: factored flags, LRC labels (pruned/full > lrc_ratio), accounting."""
+                    energies: dict[str, Tensor] | None = None, factor: str = "break-even") -> Allocation:
+    """Build an Allocation from ranks: factored flags (`factor` rule, FACTOR_RULES), LRC labels (pruned/full >
+    lrc_ratio), accounting."""
     if energies is None:
         energies = spectrum_energies(spectra)
     factored, lrc, matrices = {}, {}, {}
@@ -282,11 +300,11 @@ def make_allocation(method: str, spectra: list[MatrixSpectrum], ranks: dict[str,
         m, n, full, theta = s.out_features, s.in_features, s.full_rank, int(ranks[s.name])
         if not 0 <= theta <= full:
             raise DeftlabError(f"{s.name}: rank {theta} outside 0..{full}", "report this allocator bug")
-        fac = is_factored(m, n, theta)
+        fac = stored_factored(m, n, theta, factor, lrc_ratio)
         params = factored_params(m, n, theta) if fac else dense_params(m, n)
         kept += params
         factored[s.name] = fac
-        lrc[s.name] = (full - theta) / full > lrc_ratio
+        lrc[s.name] = is_lrc(full, theta, lrc_ratio)
         f = energies[s.name]
         matrices[s.name] = {"layer": s.layer, "m": m, "n": n, "full_rank": full, "f_theta": float(f[theta]),
                             "params_dense": dense_params(m, n), "params": params}
@@ -302,7 +320,7 @@ def lrc_labels(allocation: Allocation, lrc_ratio: float = LRC_RATIO) -> dict[str
         full = allocation.matrices.get(name, {}).get("full_rank")
         if full is None:
             raise DeftlabError(f"allocation lacks the full rank of {name}", "build it with make_allocation")
-        out[name] = (full - theta) / full > lrc_ratio
+        out[name] = is_lrc(full, theta, lrc_ratio)
     return out
 
 
@@ -313,6 +331,25 @@ def minimum_params(spectra: list[MatrixSpectrum], floors: dict[str, int] | None 
         floor = max(1, (floors or {}).get(s.name, 1))
         total += stored_params(s.out_features, s.in_features, min(floor, s.full_rank))
     return total
+
+
+def linear_keep(keep_model: float, params_model: int, params_linears: int) -> float:
+    """The fraction of the decoder linears' parameters to keep so that the whole model keeps `keep_model` of its
+    parameters, every other parameter (embeddings, norms, LM head) kept: (keep·P − (P − P_lin)) / P_lin."""
+    if not 0 < params_linears <= params_model:
+        raise DeftlabError(f"linear parameters {params_linears:,} not in (0, {params_model:,}]",
+                           "count the model and its decomposed linears on the same model")
+    keep = (keep_model * params_model - (params_model - params_linears)) / params_linears
+    if keep <= 0:
+        floor = (params_model - params_linears) / params_model
+        raise BudgetError(f"keep={keep_model:g} of the whole model cannot be met: the parameters outside the "
+                          f"decomposed linears alone are {floor:.4f} of it", f"use keep > {floor:.4f}")
+    return min(keep, 1.0)
+
+
+def model_keep_fraction(params_model: int, params_linears_dense: int, params_linears_kept: int) -> float:
+    """The whole model's fraction of parameters kept when its decoder linears go from dense to kept."""
+    return (params_model - params_linears_dense + params_linears_kept) / params_model
 
 
 def budget_error(target_keep: float, min_keep: float, what: str) -> BudgetError:

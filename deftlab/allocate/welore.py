@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from deftlab.allocate.base import (
+    FACTOR_RULES,
     LRC_RATIO,
     Allocation,
     MatrixSpectrum,
@@ -45,13 +46,15 @@ def normalised_spectrum(sigma) -> np.ndarray:
 class _Thresholder:
     """Vectorised pruned counts #{ŝ < τ} for all matrices, with the min_ratio rule applied."""
 
-    def __init__(self, spectra: list[MatrixSpectrum], min_ratio: float):
+    def __init__(self, spectra: list[MatrixSpectrum], min_ratio: float, factor: str = "break-even",
+                 lrc_ratio: float = LRC_RATIO):
         self.spectra = spectra
         self.asc = [np.sort(normalised_spectrum(s.sigma)) for s in spectra]
         self.full = np.array([s.full_rank for s in spectra], dtype=np.int64)
         self.m = np.array([s.out_features for s in spectra], dtype=np.int64)
         self.n = np.array([s.in_features for s in spectra], dtype=np.int64)
         self.min_ratio = min_ratio
+        self.factor, self.lrc_ratio = factor, lrc_ratio
 
     def pruned(self, tau: float) -> np.ndarray:
         p = np.array([np.searchsorted(a, tau, side="left") for a in self.asc], dtype=np.int64)
@@ -62,9 +65,14 @@ class _Thresholder:
         return float(self.pruned(tau).sum() / self.full.sum())
 
     def params(self, tau: float) -> int:
-        theta = self.full - self.pruned(tau)
+        pruned = self.pruned(tau)
+        theta = self.full - pruned
         fac = theta * (self.m + self.n)
-        return int(np.where((theta < self.full) & (fac < self.m * self.n), fac, self.m * self.n).sum())
+        if self.factor == "lrc":  # the same rule as make_allocation's, vectorised
+            two = pruned / self.full > self.lrc_ratio
+        else:
+            two = (theta < self.full) & (fac < self.m * self.n)
+        return int(np.where(two, fac, self.m * self.n).sum())
 
 
 def welore_ranks(spectra, tau: float, *, min_ratio: float = 0.0) -> dict[str, int]:
@@ -75,13 +83,17 @@ def welore_ranks(spectra, tau: float, *, min_ratio: float = 0.0) -> dict[str, in
 
 
 def welore_allocate(spectra, err: float | None = None, *, keep: float | None = None, min_ratio: float = 0.0,
-                    lrc_ratio: float = LRC_RATIO) -> Allocation:
-    """WeLore ranks for a target effective rank reduction ``err`` (or kept-parameter fraction ``keep``)."""
+                    lrc_ratio: float = LRC_RATIO, factor: str = "break-even") -> Allocation:
+    """WeLore ranks for a target effective rank reduction ``err`` (or kept-parameter fraction ``keep``).
+
+    factor "lrc": only LRCs become two matrices (WeLore §3); "break-even": every matrix whose factors are smaller."""
     spectra = check_spectra(spectra)
     target = Target.from_kwargs(keep=keep, err=err)
     if not 0 <= min_ratio < 1:
         raise DeftlabError(f"min_ratio={min_ratio!r} is not in [0, 1)", "use 0.0 or WeLore's fine-tune 0.4999")
-    th = _Thresholder(spectra, min_ratio)
+    if factor not in FACTOR_RULES:
+        raise DeftlabError(f"unknown factor rule {factor!r}", f"use one of {', '.join(FACTOR_RULES)}")
+    th = _Thresholder(spectra, min_ratio, factor, lrc_ratio)
     values = np.unique(np.concatenate(th.asc))
     # pruned(τ) only changes at the ŝ values: τ = values[j] prunes exactly the values below it; τ = 1 prunes all
     # but each matrix's largest (ŝ = 1 is never pruned, so every rank stays ≥ 1).
@@ -120,7 +132,7 @@ def welore_allocate(spectra, err: float | None = None, *, keep: float | None = N
         achieved = th.params(tau) / total_dense(spectra)
         step = (th.params(prev) / total_dense(spectra) - achieved) if prev is not None else 0.0
     info = {"tau": tau, f"target_{target.kind}": target.value, f"achieved_{target.kind}": achieved,
-            "step": step, "min_ratio": min_ratio, "lrc_ratio": lrc_ratio}
-    alloc = make_allocation("welore", spectra, ranks, lrc_ratio=lrc_ratio, info=info)
+            "step": step, "min_ratio": min_ratio, "lrc_ratio": lrc_ratio, "factor": factor}
+    alloc = make_allocation("welore", spectra, ranks, lrc_ratio=lrc_ratio, info=info, factor=factor)
     alloc.info["n_lrc"] = sum(alloc.lrc.values())
     return alloc

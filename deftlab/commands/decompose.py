@@ -35,6 +35,11 @@ def add_parser(sub, name):
     param_flag(p, CC, "calib_seed", type=int)
     param_flag(p, CC, "allocator", choices=["deft", "welore", "owl", "uniform"])
     param_flag(p, CC, "keep", type=float, help="fraction of decoder-linear parameters preserved")
+    param_flag(p, CC, "keep_of", choices=["linears", "model"],
+               help="what --keep is a fraction of: the decoder linears or the whole model (the DeFT paper's)")
+    param_flag(p, CC, "welore_min_ratio", type=float, help="WeLore: N-LRC floor, pruned/full (fine-tuning: 0.4999)")
+    param_flag(p, CC, "welore_factor", choices=["break-even", "lrc"],
+               help="WeLore: which reduced matrices become two matrices (lrc: only LRCs, the paper's rule)")
     param_flag(p, CC, "err", type=float, help="effective rank reduction ratio (WeLore ERR)")
     param_flag(p, CC, "eta", type=float, help="importance weight η (DeFT; 0 ignores α)")
     param_flag(p, CC, "group", type=int, help="rank cut size G (DeFT)")

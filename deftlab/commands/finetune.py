@@ -33,6 +33,8 @@ def add_parser(sub, name):
     param_flag(p, FT, "profile", help="training profile: smoke | cpu-small | gpu | paper | a YAML path")
     d = p.add_argument_group("decomposition (methods deft and welore; defaults: deftlab.decompose.config)")
     param_flag(d, FT, "keep", type=float, help="fraction of decoder-linear parameters preserved")
+    param_flag(d, FT, "keep_of", choices=["linears", "model"],
+               help="what --keep is a fraction of: the decoder linears or the whole model (the DeFT paper's)")
     param_flag(d, FT, "err", type=float, help="effective rank reduction (WeLore)")
     param_flag(d, FT, "eta", type=float, help="importance weight η of the DeFT search")
     param_flag(d, FT, "group", type=int, help="rank cut size G of the DeFT search")
@@ -44,7 +46,8 @@ def add_parser(sub, name):
     param_flag(d, FT, "calib_seed", type=int)
     t = p.add_argument_group("training (unset: the profile's value)")
     for name, typ in (("lr", float), ("lora_r", int), ("lora_alpha", float), ("seed", int), ("epochs", int),
-                      ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int)):
+                      ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int),
+                      ("cutoff_len", int)):
         param_flag(t, FT, name, type=typ, show_default=False)
     param_flag(t, FT, "optimizer", choices=["adamw", "galore"],
                help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4)")

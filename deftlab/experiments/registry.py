@@ -86,6 +86,9 @@ class TableSpec:
     pivot_format: str = "{}"
     note_metrics: list[str] = field(default_factory=list)  # metrics summarised in the header notes
     notes: list[str] = field(default_factory=list)
+    # the row whose accuracies every other row's are tested against (e.g. {_setting: QLoRA}); when a preset's
+    # grid lacks it, the first row
+    compare_to: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if not self.rows:
@@ -99,6 +102,8 @@ class TableSpec:
             if c.relative_to and not set(c.relative_to) <= set(self.rows) | ({self.pivot} if self.pivot else set()):
                 raise ConfigError(f"table column {c.ref_key}: relative_to names {sorted(c.relative_to)}",
                                   "name only the table's row keys (and its pivot)")
+        if self.compare_to and not set(self.compare_to) <= set(self.rows):
+            raise ConfigError(f"table.compare_to names {sorted(self.compare_to)}", "name only the table's row keys")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deftlab.experiments.registry import ColumnSpec, Experiment, paper_figures_dir
-from deftlab.scoring.intervals import accuracy_interval
+from deftlab.scoring.intervals import accuracy_interval, difference_interval
 from deftlab.experiments.runner import RunSpec, records_for
 from deftlab.manifest import write_json_atomic
 from deftlab.store import ResultsStore
@@ -24,6 +24,7 @@ from deftlab.store import ResultsStore
 MISSING = "missing"
 NO_METRIC = "—"
 NOT_PLANNED = "n/a"
+DIFFERS = "*"  # the difference from the compared row excludes 0 at 95%
 LEGEND = (f"Cells: '{MISSING}' = a planned run that is not recorded; '{NO_METRIC}' = recorded, but the run did not "
           f"report this metric; '{NOT_PLANNED}' = no run of this preset's grid belongs here")
 # resolved-config entries (dotted paths) that say what a run used; summarised in the header notes
@@ -92,6 +93,13 @@ class Cell:
     paper_source: str | None = None
     runs: tuple[str, ...] = ()  # store keys of the recorded runs behind the cell
     ci: tuple[float, float] | None = None  # 95% interval of a one-run accuracy, in display units
+    # 95% interval of this row's accuracy minus the compared row's (display units), and whether it excludes 0
+    diff_ci: tuple[float, float] | None = None
+    metrics: dict | None = field(default=None, repr=False)  # the one run's flat metrics (for the comparison)
+
+    @property
+    def differs(self) -> bool:
+        return self.diff_ci is not None and not self.diff_ci[0] <= 0.0 <= self.diff_ci[1]
 
     @property
     def paper_outside_ci(self) -> bool:
@@ -115,6 +123,8 @@ class Cell:
                 ours += " ± " + _fmt(col, self.std)
             if self.ci is not None:
                 ours += f" [{_fmt(col, self.ci[0])}, {_fmt(col, self.ci[1])}]"
+            if self.differs:
+                ours += DIFFERS
             if self.n_runs < self.n_expected:
                 ours += f" [{self.n_runs}/{self.n_expected} runs]"
         if self.paper is None:
@@ -182,6 +192,8 @@ class TableResult:
                              "pivot": c.pivot, "ours": c.ours, "std": c.std, "n_runs": c.n_runs,
                              "n_expected": c.n_expected, "paper": c.paper, "delta": c.delta,
                              "ci_low": c.ci[0] if c.ci else None, "ci_high": c.ci[1] if c.ci else None,
+                             "diff_low": c.diff_ci[0] if c.diff_ci else None,
+                             "diff_high": c.diff_ci[1] if c.diff_ci else None, "differs": c.differs,
                              "paper_source": c.paper_source, "cell": c.text(), "run": " ".join(c.runs)})
         return pd.DataFrame(rows)
 
@@ -271,6 +283,41 @@ def _relative_cells(t, cells: list[list[Cell]]) -> None:
             cell.std = None
 
 
+def _compared_row(t, row_keys: list[tuple]) -> int | None:
+    """Index of the row every other row is tested against: table.compare_to if this grid has it, else row 0."""
+    if len(row_keys) < 2:
+        return None
+    if t.compare_to:
+        want = {r: _norm(v) for r, v in t.compare_to.items()}
+        for i, rk in enumerate(row_keys):
+            if all(dict(zip(t.rows, rk)).get(r) == v for r, v in want.items()):
+                return i
+    return 0
+
+
+def _compare_cells(t, row_keys: list[tuple], cells: list[list[Cell]]) -> str | None:
+    """Fill each one-run accuracy cell's interval of its difference from the compared row (same column); return the
+    compared row's label values, or None when no cell could be compared."""
+    base_i = _compared_row(t, row_keys)
+    if base_i is None:
+        return None
+    done = False
+    for i, row in enumerate(cells):
+        if i == base_i:
+            continue
+        for cell, base in zip(row, cells[base_i]):
+            col = cell.column
+            if cell.ci is None or base.ci is None or cell.metrics is None or base.metrics is None:
+                continue
+            for name in col.metric.lower().split("|"):
+                iv = difference_interval(cell.metrics, base.metrics, name)
+                if iv is not None:
+                    cell.diff_ci = (_display(col, iv[0]), _display(col, iv[1]))  # fractions: |d| <= 1
+                    done = True
+                    break
+    return ", ".join(str(v) for v in row_keys[base_i] if v is not None) if done else None
+
+
 def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> TableResult:
     """The experiment's table for a preset, from recorded runs only."""
     if exp.table is None:
@@ -326,11 +373,13 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
                 cell.ours, cell.std = cell.std, None
             elif len(recs) == 1 and c.pct and c.relative_to is None:
                 cell.ci = _accuracy_ci(c, recs[0]["metrics"])
+                cell.metrics = {k.lower(): v for k, v in recs[0]["metrics"].items()}
             if (rk, pv, c.ref_key) in refs:
                 cell.paper, cell.paper_source = refs[(rk, pv, c.ref_key)]
             row_cells.append(cell)
         cells.append(row_cells)
     _relative_cells(t, cells)
+    compared = _compare_cells(t, row_keys, cells)
     distinct = {s.ref: rec for s, rec in pairs}
     missing = sum(1 for rec in distinct.values() if rec is None)
     notes = table_notes(exp, preset, pairs, len(distinct), missing)
@@ -338,6 +387,11 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
         notes.append("Accuracies of one run show their 95% interval [low, high]: Wilson score on the set's problems; "
                      "Avg.: the pooled count for equal sets, else a normal approximation of the mean "
                      "(deftlab.scoring.intervals). † marks a paper number outside our interval")
+    if compared is not None:
+        n_diff = sum(c.differs for row in cells for c in row)
+        notes.append(f"{DIFFERS} marks an accuracy whose difference from the row '{compared}' has a 95% interval "
+                     "that excludes 0 (Newcombe's hybrid score interval on the two runs' counts, taken as "
+                     f"independent; Avg.: pooled counts): {n_diff} cell(s) marked")
     covered = {(rk, pv) for rk in row_keys for pv in pivots}
     if ref and ref.entries:
         outside = {(tuple(_norm(e.row.get(r)) for r in t.rows), _norm(e.row.get(t.pivot)) if t.pivot else None)

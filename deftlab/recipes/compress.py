@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from deftlab.allocate import MatrixSpectrum, allocate
+from deftlab.allocate.base import linear_keep, model_keep_fraction, total_dense
 from deftlab.allocate.owl import layer_outlier_ratios
 from deftlab.config import from_params, replace, to_dict
 from deftlab.data.calibration import calibration_texts, fingerprint
@@ -48,13 +49,14 @@ class CompressConfig:
         return replace(self, model=self.model.resolve())
 
 
-def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None):
-    """Gram matrices and outlier ratios for the calibration set of `dcfg`, from the cache when present."""
+def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None, cache_root: Path | None = None):
+    """Gram matrices and outlier ratios for the calibration set of `dcfg`, from the cache (under `cache_root`,
+    default deftlab's cache dir) when present."""
     # Calibrate on task data in the format the model is fine-tuned on (Alpaca for arithmetic).
     fmt = alpaca_text if dcfg.calib in ("arith", "generated") else None
     texts = calibration_texts(dcfg.calib, n=dcfg.calib_n, seed=dcfg.calib_seed, data_dir=data_dir, formatter=fmt)
     key = stats_key(lm.fingerprint, fingerprint(texts), dcfg.targets, dcfg.calib_max_length, OUTLIER_THRESHOLD)
-    path = cache_dir() / "calibration" / key
+    path = Path(cache_root or cache_dir()) / "calibration" / key
     if (path / "stats.json").exists():
         try:
             return CalibrationStats.load(path), key
@@ -70,8 +72,11 @@ def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None):
 
 
 def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: int = 0, lora_alpha: float = 16.0,
-                   init: str = "deft"):
+                   init: str = "deft", cache_root: Path | None = None):
     """Returns (model, report) for a `LoadedModel`; the model is modified in place (target linears replaced).
+
+    cache_root: where calibration statistics and decompositions are cached (default deftlab's cache dir); an
+    empty directory makes the whole calibration, SVD and search run (a cold start, as DeFT Tables 4/9 time it).
 
     With lora_rank > 0 and init="deft", the r components after the top θ−r of each matrix are returned in
     report["lora_tails"] (for deftlab.adapters.attach) and the frozen factors keep only θ−r components.
@@ -85,11 +90,12 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         report.update(params_after=params_before, seconds=time.time() - t0)
         return lm.model, report
     linears = target_linears(lm.model, dcfg.targets)
-    stats, skey = calibration_stats(dcfg, lm, data_dir) if dcfg.needs_stats else (None, None)
+    stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
     weights = {n: m.weight.detach().float() for n, m in linears.items()}
     grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
     cache = DecompositionCache(decomposition_key(lm.fingerprint, skey if grams else None, dcfg.targets),
-                               meta={"model": lm.spec.name, "svd": dcfg.svd, "stats": skey})
+                               meta={"model": lm.spec.name, "svd": dcfg.svd, "stats": skey},
+                               root=Path(cache_root) / "decompositions" if cache_root else None)
     decs = decompose_all(weights, grams, cache)
     spectra = [MatrixSpectrum(name=n, layer=layer_index(n), out_features=w.shape[0], in_features=w.shape[1],
                               sigma=decs[n].sigma) for n, w in weights.items()]
@@ -101,8 +107,11 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         kw = {"outlier_ratios": layer_outlier_ratios(weights, sq, {n: layer_index(n) for n in linears},
                                                       M=dcfg.owl_m), "lamda": dcfg.owl_lamda}
     elif dcfg.allocator == "welore":
-        kw = {"min_ratio": dcfg.welore_min_ratio}
-    alloc = allocate(spectra, dcfg.allocator, keep=dcfg.keep, err=dcfg.err, **kw)
+        kw = {"min_ratio": dcfg.welore_min_ratio, "factor": dcfg.welore_factor}
+    keep = dcfg.keep
+    if keep is not None and dcfg.keep_of == "model":
+        keep = linear_keep(keep, params_before, total_dense(spectra))
+    alloc = allocate(spectra, dcfg.allocator, keep=keep, err=dcfg.err, **kw)
     _, tails = build_decomposed_model(lm.model, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha, init=init)
     report.update(allocation=alloc, lora_tails=tails, alpha=stats.alpha if stats else None, stats_key=skey,
                   decomposition_dir=str(cache.dir), params_after=sum(p.numel() for p in lm.model.parameters()),
@@ -120,13 +129,16 @@ def allocation_frame(report):
     return df
 
 
-def allocation_metrics(alloc) -> dict:
-    """The budget a run reached (keep fraction, ERR, kept / dense decoder parameters) and, for WeLore, the global
-    threshold τ on the normalised singular values that reached it (`welore_tau`, WeLore Table 7's k)."""
+def allocation_metrics(alloc, params_model: int | None = None) -> dict:
+    """The budget a run reached (keep fraction of the decoder linears, and of the whole model of `params_model`
+    parameters when given; ERR; kept / dense decoder parameters) and, for WeLore, the global threshold τ on the
+    normalised singular values that reached it (`welore_tau`, WeLore Table 7's k)."""
     if alloc is None:
-        return {"keep_fraction": 1.0, "err": 0.0}
+        return {"keep_fraction": 1.0, "err": 0.0} | ({"keep_fraction_model": 1.0} if params_model else {})
     out = {"keep_fraction": alloc.keep_fraction, "err": alloc.err, "params_decoder_kept": alloc.params_kept,
            "params_decoder_dense": alloc.params_dense}
+    if params_model:  # the paper's budget: kept θ(m+n) with everything outside the linears (DeFT tails included)
+        out["keep_fraction_model"] = model_keep_fraction(params_model, alloc.params_dense, alloc.params_kept)
     if alloc.method == "welore" and "tau" in alloc.info:
         out["welore_tau"] = float(alloc.info["tau"])
     return out
@@ -140,7 +152,8 @@ def run_compress(params: dict, run_dir: Path) -> dict:
     metrics = {"params_total": report["params_after"], "params_dense_total": report["params_before"],
                # WeLore Table 4's "Compressed Params" (0.67× at 50%): all parameters, embeddings included
                "params_total_fraction": report["params_after"] / report["params_before"],
-               "seconds_compress": round(report["seconds"], 1), **allocation_metrics(report["allocation"])}
+               "seconds_compress": round(report["seconds"], 1),
+               **allocation_metrics(report["allocation"], report["params_before"])}
     if report["allocation"] is not None:
         allocation_frame(report).to_csv(Path(run_dir) / "allocation.csv", index=False)
     metrics.update(corpus_perplexities(model, lm.tokenizer, cfg.perplexity, data_dir=cfg.data_dir))

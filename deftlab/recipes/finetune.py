@@ -60,7 +60,7 @@ PPL_FILE = "perplexity.json"
 Method = Literal["dense", "deft", "welore"]
 # training-profile fields a run may override
 PROFILE_OVERRIDES = ("lr", "lora_r", "lora_alpha", "seed", "eval_limit", "train_limit", "max_steps", "epochs",
-                     "max_new_tokens", "batch_size", "micro_batch_size")
+                     "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class FinetuneConfig:
     max_new_tokens: int | None = None
     batch_size: int | None = None
     micro_batch_size: int | None = None
+    cutoff_len: int | None = None  # tokens per training example (WeLore Table 9: 512)
     task_options: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
     ppl_stage: Literal["before", "after"] | None = None
@@ -226,8 +227,9 @@ class FinetuneConfig:
 # building the model
 
 
-def build_model(cfg: FinetuneConfig, *, loaded=None):
+def build_model(cfg: FinetuneConfig, *, loaded=None, cache_root=None):
     """(LoadedModel, model ready for fine-tuning, report) for a config (resolved here if it is not yet).
+    cache_root: the decomposition's cache root (`compress_model`).
 
     Loads the model, decomposes it for methods deft/welore (`compress_model`, LoRA rank = the adapter's r when
     the adapter is LoRA/QLoRA with init "deft"), and attaches the adapter (with the DeFT tails / allocation).
@@ -245,7 +247,7 @@ def build_model(cfg: FinetuneConfig, *, loaded=None):
         deft_lora = acfg.uses_lora and acfg.init == "deft"
         model, creport = compress_model(cfg.decomposition, lm, data_dir=settings.data_dir(cfg.data_dir),
                                         lora_rank=acfg.r if deft_lora else 0, lora_alpha=acfg.alpha,
-                                        init="deft" if deft_lora else "vanilla")
+                                        init="deft" if deft_lora else "vanilla", cache_root=cache_root)
         tails = dict(creport.get("lora_tails") or {})
         if tails:
             targets = set(lora_target_names(model, acfg.target_modules))
@@ -436,7 +438,7 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
     alloc = report["allocation"]
     if alloc is not None:
         alloc.to_frame().to_csv(run_dir / "allocation.csv", index=False)
-        metrics.update(allocation_metrics(alloc))
+        metrics.update(allocation_metrics(alloc, report["params_dense"]))
     if report["folded_tails"]:
         metrics["tails_folded"] = len(report["folded_tails"])
     if report.get("notes"):

@@ -56,3 +56,47 @@ def accuracy_interval(metrics: Mapping[str, object], metric: str) -> tuple[float
             return None
         return mean_interval([float(metrics["acc_" + s]) for s in sets], [int(metrics["n_" + s]) for s in sets])
     return None
+
+
+def newcombe_difference(c1: float, n1: int, c2: float, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (his method 10) of p1 − p2 for two independent proportions, from their
+    Wilson intervals: it keeps the right coverage at 0 or n correct, where the Wald interval collapses."""
+    p1, p2 = c1 / n1, c2 / n2
+    l1, u1 = wilson(c1, n1, z)
+    l2, u2 = wilson(c2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def _set_counts(metrics: Mapping[str, object], metric: str) -> list[tuple[float, int]] | None:
+    """(proportion, n) of `acc_<set>`, or of every set behind `avg`; None when the sizes are not recorded."""
+    if metric.startswith("acc_"):
+        n, p = metrics.get("n_" + metric[4:]), metrics.get(metric)
+        return [(float(p), n)] if isinstance(n, int) and isinstance(p, (int, float)) else None
+    if metric == "avg":
+        out = [(float(v), metrics["n_" + k[4:]]) for k, v in metrics.items()
+               if k.startswith("acc_") and not k.endswith("_non_overlap") and isinstance(v, (int, float))
+               and isinstance(metrics.get("n_" + k[4:]), int)]
+        return sorted(out, key=lambda pn: pn[1]) or None
+    return None
+
+
+def difference_interval(a: Mapping[str, object], b: Mapping[str, object], metric: str,
+                        z: float = Z95) -> tuple[float, float] | None:
+    """95% interval of run a's minus run b's `acc_<set>` or `avg` (fractions), the runs taken as independent.
+
+    One set, or an Avg. over equal-sized sets: Newcombe's interval on the (pooled) counts. Otherwise a normal
+    approximation with the two means' variances added. None when either run lacks the sizes, or the runs
+    evaluated different numbers of sets."""
+    ca, cb = _set_counts(a, metric), _set_counts(b, metric)
+    if not ca or not cb or len(ca) != len(cb):
+        return None
+    na, nb = {n for _, n in ca}, {n for _, n in cb}
+    if len(na) == 1 and len(nb) == 1:
+        (n1,), (n2,) = na, nb
+        k = len(ca)
+        return newcombe_difference(sum(p for p, _ in ca) * n1, n1 * k, sum(p for p, _ in cb) * n2, n2 * k, z)
+    k = len(ca)
+    d = sum(p for p, _ in ca) / k - sum(p for p, _ in cb) / k
+    var = sum(p * (1 - p) / n for p, n in ca + cb) / (k * k)
+    return d - z * math.sqrt(var), d + z * math.sqrt(var)

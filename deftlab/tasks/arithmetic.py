@@ -13,15 +13,26 @@ from __future__ import annotations
 from typing import Callable
 
 from deftlab.data import load_arith_test, load_arith_train
+from deftlab.data.arithmetic import canonical_test_name
 from deftlab.data.generated import generate_arith
 from deftlab.errors import DeftlabError
 from deftlab.scoring.answers import arith_correct, extract_choice, extract_number
 from deftlab.scoring.overlap import train_test_overlap
 from deftlab.tasks import Example, Task, first_n, records_of
+from deftlab.tasks.splits import two_way_split
 from deftlab.tasks.templates import ALPACA_STOPS, alpaca_prompt, llm_adapters_prompt
 
 ARITH_SETS = ("AddSub", "SingleEq", "MultiArith", "SVAMP", "gsm8k", "AQuA", "mawps")
 DEFAULT_ARITH_SETS = ("AddSub", "SingleEq", "MultiArith", "SVAMP", "gsm8k", "AQuA")  # LLM-Adapters' six
+
+
+def answer_text(answer) -> str:
+    """A numeric answer as the model should write it: "8.0" -> "8", "2.5" -> "2.5"; option letters as they are."""
+    try:
+        v = float(answer)
+    except (TypeError, ValueError):
+        return str(answer)
+    return str(int(v)) if v.is_integer() else str(v)
 
 
 class ArithmeticTask(Task):
@@ -32,9 +43,17 @@ class ArithmeticTask(Task):
     def __init__(self, *, train_source: Callable[[], object] | None = None,
                  test_source: Callable[[str], object] | None = None, eval_sets: tuple[str, ...] | None = None,
                  prompt_style: str = "plain", max_new_tokens: int | None = None, data_dir=None,
-                 name: str = "arith", stop_at_new_example: bool | None = None):
+                 name: str = "arith", stop_at_new_example: bool | None = None, train_set: str | None = None,
+                 train_fraction: float = 0.7, split_seed: int = 0, answer_only: bool = False):
         if prompt_style not in ("plain", "llm-adapters"):
             raise DeftlabError(f"unknown prompt_style '{prompt_style}'", "use 'plain' or 'llm-adapters'")
+        if not 0 < train_fraction < 1:
+            raise DeftlabError(f"train_fraction={train_fraction} is not in (0, 1)", "e.g. 0.7 (WeLore's 70/30)")
+        # train_set: train on a seeded train_fraction of that test set and test on the rest (WeLore Table 9:
+        # SVAMP 700/300) instead of math_10k; answer_only: the response is the bare answer (WeLore's downstream
+        # fine-tuning), not a chain of thought
+        self.train_set = canonical_test_name(train_set) if train_set else None
+        self.train_fraction, self.split_seed, self.answer_only = train_fraction, split_seed, answer_only
         self.name = name
         self.prompt_style = prompt_style
         # stop_at_new_example: cut generation where the model starts another Alpaca example (ALPACA_STOPS). None:
@@ -55,10 +74,19 @@ class ArithmeticTask(Task):
 
     # --- data ------------------------------------------------------------------------------------------------
     def _load_train(self):
+        if self.train_set:
+            return self._split(self.train_set)[0]
         return load_arith_train(data_dir=self.data_dir)
 
     def _load_test(self, name: str):
+        if self.train_set and canonical_test_name(name) == self.train_set:
+            return self._split(self.train_set)[1]
         return load_arith_test(name, data_dir=self.data_dir)
+
+    def _split(self, name: str) -> tuple[list[dict], list[dict]]:
+        recs = records_of(load_arith_test(name, data_dir=self.data_dir))
+        train, test = two_way_split(len(recs), self.train_fraction, self.split_seed)
+        return [recs[i] for i in train], [recs[i] for i in test]
 
     def train_records(self) -> list[dict]:
         if self._train_cache is None:
@@ -76,8 +104,9 @@ class ArithmeticTask(Task):
         return alpaca_prompt(rec["instruction"], rec.get("input") or "")
 
     def train_examples(self) -> list[Example]:
-        return [Example(prompt=self._prompt(r, "train"), response=r["output"], gold=r.get("answer"),
-                        question=r["instruction"]) for r in self.train_records()]
+        return [Example(prompt=self._prompt(r, "train"), response=answer_text(r["answer"]) if self.answer_only
+                        else r["output"], gold=r.get("answer"), question=r["instruction"])
+                for r in self.train_records()]
 
     def eval_examples(self, dataset_name: str, limit: int | None = None) -> list[Example]:
         recs = first_n(self.test_records(dataset_name), limit)

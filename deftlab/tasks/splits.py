@@ -23,3 +23,14 @@ def heldout_order(n: int, exclude: Iterable[int], seed: int) -> list[int]:
     rest = [i for i in range(n) if i not in excluded]
     random.Random(seed).shuffle(rest)
     return rest
+
+
+def two_way_split(n: int, train_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, test) sorted indices of a seeded random split of n items, round(n · train_fraction) to train
+    (WeLore Table 9's 700/300 split of SVAMP's 1,000 problems at 0.7)."""
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = round(n * train_fraction)
+    return sorted(order[:k]), sorted(order[k:])

@@ -18,7 +18,7 @@ from deftlab.allocate import (
     lrc_labels,
     stored_params,
 )
-from deftlab.allocate.base import effective_rank_reduction, make_allocation
+from deftlab.allocate.base import effective_rank_reduction, linear_keep, make_allocation, model_keep_fraction
 from deftlab.allocate.deft import deft_objective, deft_search
 from deftlab.allocate.owl import layer_outlier_ratios, owl_allocate
 from deftlab.allocate.reference import exact_optimum, literal_algorithm1
@@ -299,6 +299,39 @@ def test_welore_keep_target_and_errors():
         welore_allocate(sp, 1.0)
     with pytest.raises(DeftlabError, match="exactly one"):
         welore_allocate(sp, 0.3, keep=0.5)
+
+
+def test_welore_lrc_factor_rule_factors_only_lrcs():
+    # 64×192: break-even θ = 48, LRC θ < 32. θ = 40 is below break-even but an N-LRC; θ = 20 is an LRC
+    sp = [MatrixSpectrum(f"m{i}", 0, 64, 192, torch.linspace(1, 0.01, 64, dtype=torch.float64)) for i in range(3)]
+    ranks = {"m0": 40, "m1": 20, "m2": 64}
+    even, lrc = make_allocation("x", sp, ranks), make_allocation("x", sp, ranks, factor="lrc")
+    assert even.factored == {"m0": True, "m1": True, "m2": False}
+    assert lrc.factored == {"m0": False, "m1": True, "m2": False} and lrc.lrc == even.lrc
+    assert lrc.params_kept == 64 * 192 + 20 * 256 + 64 * 192  # the N-LRC stays one dense matrix
+    assert even.params_kept == 40 * 256 + 20 * 256 + 64 * 192
+    # the τ search counts parameters with the same rule as the allocation it returns
+    sp = spectra_for([(64, 192)] * 6, 5)
+    for factor in ("break-even", "lrc"):
+        a = welore_allocate(sp, keep=0.6, factor=factor)
+        assert a.info["factor"] == factor
+        assert a.keep_fraction <= 0.6 and 0.6 - a.keep_fraction <= a.info["step"] + 1e-12
+        if factor == "lrc":
+            assert a.factored == a.lrc
+    with pytest.raises(DeftlabError, match="factor rule"):
+        welore_allocate(sp, 0.3, factor="half")
+
+
+def test_whole_model_budget_converts_to_the_linears_and_back():
+    # LLaMA-7B: 6.738B in all, 6.476B in the decoder linears; the paper's 85% of the model is 5.73B
+    total, lin = 6_738_415_616, 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    k = linear_keep(0.85, total, lin)
+    assert k == pytest.approx((0.85 * total - (total - lin)) / lin) and k < 0.85
+    assert model_keep_fraction(total, lin, round(k * lin)) == pytest.approx(0.85)
+    assert round(total * 0.85 / 1e9, 2) == 5.73
+    assert linear_keep(1.0, total, lin) == 1.0
+    with pytest.raises(BudgetError, match="outside the decomposed linears"):
+        linear_keep(0.03, total, lin)
 
 
 # --------------------------------------------------------------------------------------------------------------

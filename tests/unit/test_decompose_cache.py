@@ -62,6 +62,22 @@ def test_compress_reuses_cache_for_a_second_budget(tmp_cache):
     assert report["params_after"] < report["params_before"]
 
 
+def test_whole_model_budget_keeps_that_fraction_of_every_parameter(tmp_cache):
+    common = dict(calib="generated", calib_n=16, calib_max_length=64, allocator="uniform", keep=0.8)
+    _, linears = compress_model(DecompositionConfig(**common), load_model("tiny"))
+    model, whole = compress_model(DecompositionConfig(keep_of="model", **common), load_model("tiny"))
+    a = whole["allocation"]
+    other = whole["params_before"] - a.params_dense  # embeddings, norms, LM head: all kept
+    assert a.keep_fraction < 0.8  # everything outside the linears is kept, so the linears give up more
+    assert (other + a.params_kept) / whole["params_before"] <= 0.8
+    assert a.keep_fraction < linears["allocation"].keep_fraction
+    assert whole["params_after"] == sum(p.numel() for p in model.parameters())
+    from deftlab.recipes.compress import allocation_metrics
+    m = allocation_metrics(a, whole["params_before"])
+    assert m["keep_fraction_model"] == pytest.approx((other + a.params_kept) / whole["params_before"])
+    assert m["keep_fraction_model"] > 0.8 - 0.02  # uniform ranks land close below the target
+
+
 def test_compress_config_needs_exactly_one_budget():
     # checked once, in DecompositionConfig, whichever run config nests it
     with pytest.raises(DeftlabError, match="exactly one of"):
@@ -70,6 +86,8 @@ def test_compress_config_needs_exactly_one_budget():
         CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "err": 0.2})
     with pytest.raises(DeftlabError, match="unknown param"):
         CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "budget": 3})
+    with pytest.raises(DeftlabError, match="not one of"):
+        CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "keep_of": "all"})
     cfg = CompressConfig.from_params({"allocator": "uniform", "keep": 0.5, "ppl": ["wikitext2"], "model": "tiny"})
     assert (cfg.decomposition.keep, cfg.perplexity.ppl, cfg.model.model) == (0.5, ("wikitext2",), "tiny")
 

@@ -21,7 +21,7 @@ from deftlab import store as store_mod
 from deftlab.experiments import kinds, registry, runner, sweep, tables
 from deftlab.experiments.registry import load_all, load_experiment
 from deftlab.experiments.runner import RunFailedError, execute, expand, make_spec, plan, run_experiment
-from deftlab.scoring.intervals import wilson
+from deftlab.scoring.intervals import difference_interval, wilson
 from deftlab.store import ResultsStore, run_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -416,37 +416,61 @@ def test_table_pivot_pct_scale_and_missing_metric(tmp_path):
         kinds.unregister_kind("counting")
 
 
-def test_one_run_accuracies_carry_their_95_interval_and_mark_a_paper_number_outside_it(tmp_path):
+def _scored_table(tmp_path, accs: list[float], table_extra: str = "", reference: str = ""):
+    """The table of a one-metric experiment whose runs report acc_gsm8k = acc and acc_svamp = 0.1 (50 problems
+    each) and their mean as avg."""
     kinds.register_kind("scored", lambda p, d: {"acc_gsm8k": p["acc"], "n_gsm8k": 50, "acc_svamp": 0.1,
                                                   "n_svamp": 50, "avg": (p["acc"] + 0.1) / 2}, replace=True)
     try:
-        (tmp_path / "ci.yaml").write_text(textwrap.dedent("""
-            name: ci
-            title: Intervals
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sc.yaml").write_text(textwrap.dedent("""
+            name: sc
+            title: Scored
             source: {paper: P, item: Table 1}
             kind: scored
-            grid: {acc: [0.5, 0.2]}
+            grid: {acc: %s}
             presets: {cpu-small: {}}
             table:
-              rows: [acc]
+              rows: [acc]%s
               columns:
                 - {metric: acc_gsm8k, label: GSM8K, fmt: "{:.1f}", pct: true}
                 - {metric: avg, label: Avg, fmt: "{:.1f}", pct: true}
-            reference:
-              entries: [{row: {acc: 0.5}, values: {acc_gsm8k: 60.0}}, {row: {acc: 0.2}, values: {acc_gsm8k: 60.0}}]
-            """))
-        exp = load_experiment("ci", tmp_path)
+            """) % (accs, table_extra) + reference)
+        exp = load_experiment("sc", tmp_path)
         store = ResultsStore(tmp_path / "r")
         run_experiment(exp, None, store)
-        res = tables.build_table(exp, None, store)
-        half, fifth = res.cells[0][0], res.cells[1][0]
-        assert half.text() == "50.0 [36.6, 63.4] (paper 60.0, −10.0)"  # 60 lies inside: no mark
-        assert fifth.text().endswith("(paper 60.0, −40.0†)") and fifth.paper_outside_ci
-        assert res.cells[0][1].ci == pytest.approx(tuple(100 * a for a in wilson(30, 100)))  # Avg: pooled 30/100
-        assert any("95% interval" in n for n in res.notes)
-        assert {"ci_low", "ci_high"} <= set(res.frame().columns)
+        return tables.build_table(exp, None, store)
     finally:
         kinds.unregister_kind("scored")
+
+
+def test_one_run_accuracies_carry_their_95_interval_and_mark_a_paper_number_outside_it(tmp_path):
+    res = _scored_table(tmp_path, [0.5, 0.2], reference=textwrap.dedent("""
+        reference:
+          entries: [{row: {acc: 0.5}, values: {acc_gsm8k: 60.0}}, {row: {acc: 0.2}, values: {acc_gsm8k: 60.0}}]
+        """))
+    half, fifth = res.cells[0][0], res.cells[1][0]
+    assert half.text() == "50.0 [36.6, 63.4] (paper 60.0, −10.0)"  # 60 lies inside: no mark
+    assert fifth.text().endswith("(paper 60.0, −40.0†)") and fifth.paper_outside_ci
+    assert res.cells[0][1].ci == pytest.approx(tuple(100 * a for a in wilson(30, 100)))  # Avg: pooled 30/100
+    assert any("95% interval" in n for n in res.notes)
+    assert {"ci_low", "ci_high"} <= set(res.frame().columns)
+
+
+def test_accuracies_whose_difference_from_the_compared_row_excludes_zero_are_marked(tmp_path):
+    res = _scored_table(tmp_path, [0.2, 0.5, 0.4], table_extra="\n  compare_to: {acc: 0.5}")
+    low, base, near = res.cells
+    assert low[0].differs and low[0].text().endswith("]*")  # 10/50 vs 25/50
+    assert not near[0].differs and near[0].diff_ci[0] < 0 < near[0].diff_ci[1]  # 20/50 vs 25/50
+    assert base[0].diff_ci is None and not base[0].text().endswith("*")  # the compared row itself
+    assert low[1].diff_ci == pytest.approx(tuple(100 * x for x in difference_interval(
+        {"acc_gsm8k": 0.2, "n_gsm8k": 50, "acc_svamp": 0.1, "n_svamp": 50},
+        {"acc_gsm8k": 0.5, "n_gsm8k": 50, "acc_svamp": 0.1, "n_svamp": 50}, "avg")))
+    assert any("from the row '0.5'" in n and "2 cell(s)" in n for n in res.notes)
+    assert res.frame()["differs"].sum() == 2
+    # without compare_to the first row is the baseline
+    res = _scored_table(tmp_path / "first", [0.5, 0.2, 0.4])
+    assert res.cells[1][0].differs and res.cells[0][0].diff_ci is None
 
 
 # --- figures ------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from deftlab.scoring.intervals import accuracy_interval, mean_interval, wilson
+from deftlab.scoring.intervals import (accuracy_interval, difference_interval, mean_interval, newcombe_difference,
+                                      wilson)
 
 
 def test_wilson_matches_the_textbook_values():
@@ -27,3 +28,28 @@ def test_accuracy_interval_reads_a_runs_metrics():
     assert accuracy_interval(m, "acc_gsm8k") == wilson(25, 50)
     assert accuracy_interval(m, "avg") == pytest.approx(wilson(30, 100))
     assert accuracy_interval(m, "acc_addsub") is None and accuracy_interval(m, "ppl_wikitext2") is None
+
+
+@pytest.mark.parametrize("counts, expected", [
+    # Newcombe (1998), Statistics in Medicine 17:873-890, Table II, method 10 (hybrid score)
+    ((56, 70, 48, 80), (0.0524, 0.3339)),
+    ((9, 10, 3, 10), (0.1705, 0.8090)),
+    ((5, 56, 0, 29), (-0.0381, 0.1926)),
+])
+def test_newcombe_difference_matches_the_published_values(counts, expected):
+    lo, hi = newcombe_difference(*counts)
+    assert (round(lo, 4), round(hi, 4)) == expected
+
+
+def test_difference_interval_pools_equal_sets_and_needs_the_same_sets():
+    a = {"acc_gsm8k": 0.5, "n_gsm8k": 50, "acc_svamp": 0.1, "n_svamp": 50}
+    b = {"acc_gsm8k": 0.2, "n_gsm8k": 50, "acc_svamp": 0.1, "n_svamp": 50}
+    assert difference_interval(a, b, "acc_gsm8k") == pytest.approx(newcombe_difference(25, 50, 10, 50))
+    assert difference_interval(a, b, "avg") == pytest.approx(newcombe_difference(30, 100, 15, 100))
+    lo, hi = difference_interval(b, a, "acc_gsm8k")
+    assert hi < 0  # 10/50 vs 25/50 differ at 95%
+    assert difference_interval(a, {"acc_gsm8k": 0.2, "n_gsm8k": 50}, "avg") is None  # one set vs two
+    assert difference_interval(a, {"acc_gsm8k": 0.2}, "acc_gsm8k") is None  # no size recorded
+    c = {"acc_gsm8k": 0.5, "n_gsm8k": 100, "acc_svamp": 0.1, "n_svamp": 40}
+    lo, hi = difference_interval(c, c, "avg")  # unequal sets: normal approximation, centred on 0
+    assert lo == pytest.approx(-hi) and hi > 0

@@ -97,6 +97,20 @@ def test_the_62_90_run_is_one_run_shared_by_tables_1_3_5_and_10(experiments):
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_budgets_are_fractions_of_the_whole_model(experiments, name):
+    """§3.1: "#Params" 5.73B of LLaMA-7B's 6.74B at ~85% (and 55.49/65.29, 11.06/13.02, ...): the paper's budget
+    counts every parameter, so each decomposed paper run's keep is of the model (`keep_of: model`)."""
+    from deftlab.experiments.kinds import get_kind
+
+    decomposed = [s for s in expand(experiments[name], "paper") if s.params.get("keep") is not None]
+    assert decomposed
+    for s in decomposed:
+        cfg = get_kind(s.kind).resolved_config(s.params)
+        d = cfg.get("decomposition") or cfg["finetune"]["decomposition"]
+        assert d["keep_of"] == "model", (name, s.labels)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
 def test_every_reference_cell_names_its_source_and_is_printed_by_the_paper_table(experiments, name, tmp_path):
     exp = experiments[name]
     ref = exp.reference

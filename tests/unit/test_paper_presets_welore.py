@@ -146,13 +146,29 @@ def test_shared_cells_are_the_same_runs(experiments):
                                                      _variant="WeLore", err=0.5)
 
 
+def test_welore_paper_runs_factor_only_the_lrcs(experiments):
+    """l. 102 and 141: "If W belongs to LRCs, it will be replaced with a composition of two linear layers"."""
+    n = 0
+    for name in PAPER:
+        for s in expand(experiments[name], "paper"):
+            cfg = get_kind(s.kind).resolved_config(s.params)
+            d = cfg.get("decomposition") or (cfg.get("finetune") or {}).get("decomposition")
+            if d and d["allocator"] == "welore":
+                assert d["welore_factor"] == "lrc", (name, s.labels)
+                n += 1
+    assert n > 50
+
+
 def test_table5_trains_at_table9s_svamp_settings(experiments):
-    """Table 9 (l. 369-376), SVAMP column: batch 8, 500 training steps, lr 1e-4; tested on SVAMP."""
+    """Table 9 (l. 369-376), SVAMP column: 700 train / 300 test, batch 8, max length 512, 500 training steps,
+    lr 1e-4."""
     for s in expand(experiments["welore-table5"], "paper"):
         cfg = get_kind("finetune").resolved_config(s.params)
         prof = cfg["training_profile"]
-        assert (prof["batch_size"], prof["max_steps"], prof["lr"]) == (8, 500, 1e-4), s.labels
+        assert (prof["batch_size"], prof["max_steps"], prof["lr"], prof["cutoff_len"]) == (8, 500, 1e-4, 512), s.labels
         assert cfg["task"] == "arith" and tuple(cfg["eval_sets"]) == ("SVAMP",)
+        # trained on 700 SVAMP problems and tested on the other 300, with the bare answer as the response
+        assert cfg["task_options"] == {"train_set": "SVAMP", "answer_only": True}
 
 
 def test_table7_prints_our_tau_beside_the_papers_k(experiments, tmp_path):

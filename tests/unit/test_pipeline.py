@@ -248,11 +248,16 @@ def test_efficiency_measures_memory_and_throughput(tmp_path):
         assert m[f"peak_mem_mb_bs{bs}"] is not None and m[f"e2e_hours_bs{bs}"] > 0
     assert m["memory_kind"] == "anon_rss_above_baseline" and m["adapter_used"] == "lora"
     assert (tmp_path / "efficiency.csv").is_file() and not (tmp_path / "record.json").exists()
+    # Cost (DeFT Tables 4/9): the cold decomposition's seconds plus the extrapolated training time
+    assert m["decompose_cold"] and m["decompose_seconds"] > 0
+    for bs in (1, 2):
+        assert m[f"e2e_minutes_bs{bs}"] == pytest.approx(m["decompose_seconds"] / 60 + m[f"e2e_hours_bs{bs}"] * 60)
 
     inf = run_efficiency(dict(model="tiny", mode="inference", context_len=48, batch_size=1, steps=1,
                               profile="smoke", device="cpu", isolate=False), tmp_path / "inf")
     assert inf["seq_len"] == 48 and inf["tokens_per_s"] > 0 and "train_tokens_per_s" not in inf
     assert inf["adapter_used"] == "none" and inf["trainable"] == 0
+    assert inf["decompose_seconds"] == 0.0 and not inf["decompose_cold"]  # dense: nothing to decompose
 
 
 def test_efficiency_config_errors():

@@ -87,6 +87,31 @@ def test_arith_examples_use_the_plain_template():
         _arith(prompt_style="fancy")
 
 
+def test_arith_trains_on_a_seeded_split_of_a_test_set(tmp_path):
+    """WeLore Table 9: train on 700 SVAMP problems, test on the other 300, the bare answer as the response."""
+    import json
+
+    from deftlab.tasks.splits import two_way_split
+
+    (tmp_path / "arith" / "SVAMP").mkdir(parents=True)
+    recs = [_rec(f"Problem {i}: how many?", f"Reasoning {i}. The answer is {i + 1}.", f"{i + 1}.0") for i in range(10)]
+    (tmp_path / "arith" / "SVAMP" / "test.json").write_text(json.dumps(recs))
+    task = ArithmeticTask(data_dir=tmp_path, train_set="svamp", answer_only=True)
+    train, test = task.train_examples(), task.eval_examples("SVAMP")
+    assert len(train) == 7 and len(test) == 3  # round(10 · 0.7)
+    assert {e.question for e in train} | {e.question for e in test} == {r["instruction"] for r in recs}
+    assert not {e.question for e in train} & {e.question for e in test}
+    idx, _ = two_way_split(10, 0.7, 0)
+    assert [e.response for e in train] == [str(i + 1) for i in idx]  # "8.0" is written "8"
+    assert ArithmeticTask(data_dir=tmp_path, train_set="SVAMP").train_examples()[0].response.startswith("Reasoning")
+    assert two_way_split(10, 0.7, 1) != two_way_split(10, 0.7, 0)
+    assert two_way_split(1000, 0.7, 0)[0] == two_way_split(1000, 0.7, 0)[0] and len(two_way_split(1000, 0.7, 0)[1]) == 300
+    with pytest.raises(DeftlabError, match="train_fraction"):
+        ArithmeticTask(data_dir=tmp_path, train_set="SVAMP", train_fraction=1.0)
+    with pytest.raises(UnknownNameError):
+        ArithmeticTask(data_dir=tmp_path, train_set="CoinFlip")
+
+
 def test_arith_score_last_number_and_overlap():
     task = _arith()
     ex = task.eval_examples("AddSub")
