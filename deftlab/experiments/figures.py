@@ -23,6 +23,7 @@ from deftlab.errors import DeftlabError
 from deftlab.experiments.registry import Experiment, load_experiment, paper_figures_dir
 from deftlab.experiments.runner import records_for
 from deftlab.experiments.tables import _display, metric_value
+from deftlab.scoring.intervals import accuracy_interval
 from deftlab.store import ResultsStore
 
 
@@ -87,6 +88,7 @@ def plot_line(exp: Experiment, df, fig=None):
     for ax, metric in zip(axes, spec.y):
         tf, label = _transform(exp, metric)
         series: dict[tuple, dict[float, list[float]]] = {}
+        cis: dict[tuple, dict[float, tuple[float, float]]] = {}  # one run's 95% accuracy interval, display units
         for _, row in done.iterrows():
             r = row.to_dict()
             x, y = _value(r, spec.x), _value(r, metric)
@@ -94,13 +96,21 @@ def plot_line(exp: Experiment, df, fig=None):
                 continue
             skey = tuple(r.get(s) for s in spec.series)
             series.setdefault(skey, {}).setdefault(float(x), []).append(tf(float(y)))
+            iv = accuracy_interval({k: v for k, v in r.items() if _present(v)}, metric.split("|")[0].lower())
+            if iv is not None:
+                cis.setdefault(skey, {})[float(x)] = (tf(iv[0]), tf(iv[1]))
         for skey, pts in series.items():
             xs = sorted(pts)
             means = [sum(pts[x]) / len(pts[x]) for x in xs]
-            errs = [_std(pts[x]) for x in xs]
             name = ", ".join(str(v) for v in skey if v is not None) or "ours"
-            if any(e > 0 for e in errs):
-                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name)
+            one = cis.get(skey, {})
+            errs = [_std(pts[x]) for x in xs]
+            if all(len(pts[x]) == 1 and x in one for x in xs):  # one run per point: its 95% interval
+                lo = [m - one[x][0] for m, x in zip(means, xs)]
+                hi = [one[x][1] - m for m, x in zip(means, xs)]
+                ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, label=f"{name} (95% interval)")
+            elif any(e > 0 for e in errs):
+                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=f"{name} (± std)")
             else:
                 ax.plot(xs, means, marker="o", label=name)
         if exp.reference:

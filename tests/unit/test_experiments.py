@@ -504,6 +504,21 @@ def test_figure_scripts_build_pngs_from_fabricated_results(tmp_path):
     assert not (tmp_path / "fig7.png").exists()
 
 
+def test_line_figures_draw_one_runs_95_interval_around_an_accuracy(tmp_path):
+    from deftlab.experiments.figures import load_results, plot_line
+
+    exp = load_experiment("fig5b", REPO / "experiments")
+    store = ResultsStore(tmp_path / "results")
+    for i, spec in enumerate(expand(exp, "smoke")):
+        _fabricate(store, spec, {"avg": 0.1 * (i + 1), "acc_gsm8k": 0.1 * (i + 1), "n_gsm8k": 50, "params": 1e6})
+    fig = plot_line(exp, load_results(exp, "smoke", store))
+    bars = [c for c in fig.axes[0].containers if c.__class__.__name__ == "ErrorbarContainer"]
+    assert bars  # every point has an interval
+    segs = [seg for c in bars for seg in c.lines[2][0].get_segments()]
+    lo, hi = wilson(5, 50)  # the first run: 5 of 50
+    assert any(abs(seg[0][1] - 100 * lo) < 1e-9 and abs(seg[1][1] - 100 * hi) < 1e-9 for seg in segs)
+
+
 # --- sweeps -------------------------------------------------------------------------------------------------------
 def test_repo_sweep_configs_load_and_share_keys_with_the_experiment():
     names = sweep.sweep_names()
