@@ -278,13 +278,15 @@ def is_lrc(full: int, theta: int, lrc_ratio: float = LRC_RATIO) -> bool:
     return (full - theta) / full > lrc_ratio
 
 
+def check_factor_rule(factor: str) -> None:
+    if factor not in FACTOR_RULES:
+        raise DeftlabError(f"unknown factor rule {factor!r}", f"use one of {', '.join(FACTOR_RULES)}")
+
+
 def stored_factored(m: int, n: int, theta: int, factor: str = "break-even", lrc_ratio: float = LRC_RATIO) -> bool:
     """Whether a rank-θ matrix is stored as two matrices under a FACTOR_RULES rule."""
-    if factor == "lrc":
-        return is_lrc(min(m, n), theta, lrc_ratio)
-    if factor != "break-even":
-        raise DeftlabError(f"unknown factor rule {factor!r}", f"use one of {', '.join(FACTOR_RULES)}")
-    return is_factored(m, n, theta)
+    check_factor_rule(factor)
+    return is_lrc(min(m, n), theta, lrc_ratio) if factor == "lrc" else is_factored(m, n, theta)
 
 
 def make_allocation(method: str, spectra: list[MatrixSpectrum], ranks: dict[str, int], *,

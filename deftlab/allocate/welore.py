@@ -18,12 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 from deftlab.allocate.base import (
-    FACTOR_RULES,
     LRC_RATIO,
     Allocation,
     MatrixSpectrum,
     Target,
     budget_error,
+    check_factor_rule,
     check_spectra,
     lrc_labels,
     make_allocation,
@@ -91,8 +91,7 @@ def welore_allocate(spectra, err: float | None = None, *, keep: float | None = N
     target = Target.from_kwargs(keep=keep, err=err)
     if not 0 <= min_ratio < 1:
         raise DeftlabError(f"min_ratio={min_ratio!r} is not in [0, 1)", "use 0.0 or WeLore's fine-tune 0.4999")
-    if factor not in FACTOR_RULES:
-        raise DeftlabError(f"unknown factor rule {factor!r}", f"use one of {', '.join(FACTOR_RULES)}")
+    check_factor_rule(factor)  # before the search, whose vectorised count would read an unknown rule as break-even
     th = _Thresholder(spectra, min_ratio, factor, lrc_ratio)
     values = np.unique(np.concatenate(th.asc))
     # pruned(τ) only changes at the ŝ values: τ = values[j] prunes exactly the values below it; τ = 1 prunes all

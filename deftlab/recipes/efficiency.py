@@ -126,6 +126,7 @@ def _sync(device: torch.device) -> None:
 def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: bool = False) -> dict:
     """Build the model and time `cfg.steps` steps at one batch size in this process; memory as described above.
     cold: build the decomposition from an empty cache (a temporary directory), so decompose_seconds is its cost."""
+    import contextlib
     import tempfile
 
     import peft  # noqa: F401  (imported before the baseline, so its import is not counted as model memory)
@@ -136,8 +137,8 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     fcfg = cfg.finetune_config(adapter)
     release_free_memory()
     rss_base = anon_rss()
-    with tempfile.TemporaryDirectory(prefix="deftlab-cold-") as empty:
-        lm, model, report = build_model(fcfg, cache_root=empty if cold else None)
+    with tempfile.TemporaryDirectory(prefix="deftlab-cold-") if cold else contextlib.nullcontext() as empty:
+        lm, model, report = build_model(fcfg, cache_root=empty)
     device = next(model.parameters()).device
     counts = report["params"]
     decomposed = report.get("compress") is not None
