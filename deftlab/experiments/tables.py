@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from deftlab.experiments.registry import ColumnSpec, Experiment, paper_figures_dir
-from deftlab.scoring.intervals import accuracy_interval, difference_interval
+from deftlab.eval.predictions import answer_losses
+from deftlab.scoring.intervals import accuracy_interval, difference_interval, paired_ratio_difference
 from deftlab.experiments.runner import RunSpec, records_for
 from deftlab.manifest import write_json_atomic
 from deftlab.store import ResultsStore
@@ -96,6 +97,7 @@ class Cell:
     # 95% interval of this row's accuracy minus the compared row's (display units), and whether it excludes 0
     diff_ci: tuple[float, float] | None = None
     metrics: dict | None = field(default=None, repr=False)  # the one run's flat metrics (for the comparison)
+    eval_dir: Path | None = field(default=None, repr=False)  # the one run's prediction files (paired losses)
 
     @property
     def differs(self) -> bool:
@@ -295,27 +297,48 @@ def _compared_row(t, row_keys: list[tuple]) -> int | None:
     return 0
 
 
-def _compare_cells(t, row_keys: list[tuple], cells: list[list[Cell]]) -> str | None:
-    """Fill each one-run accuracy cell's interval of its difference from the compared row (same column); return the
-    compared row's label values, or None when no cell could be compared."""
+def _paired_loss_interval(a_dir: Path, b_dir: Path, metric: str) -> tuple[float, float] | None:
+    """95% interval of run a's minus run b's answer NLL, paired over the problems both scored (None unless both
+    scored the same problems with the same token counts)."""
+    a, b = answer_losses(a_dir, metric), answer_losses(b_dir, metric)
+    if not a or a.keys() != b.keys() or any(a[k][1] != b[k][1] for k in a):
+        return None
+    keys = sorted(a)
+    r = paired_ratio_difference([a[k][0] for k in keys], [b[k][0] for k in keys], [a[k][1] for k in keys])
+    return None if r is None else (r[1], r[2])
+
+
+def _compare_cells(t, row_keys: list[tuple], cells: list[list[Cell]]) -> tuple[str, int, int] | None:
+    """Fill each one-run accuracy or answer-NLL cell's interval of its difference from the compared row (same
+    column); return the compared row's label values and how many accuracy and loss cells were compared, or None
+    when no cell could be compared."""
     base_i = _compared_row(t, row_keys)
     if base_i is None:
         return None
-    done = False
+    n_acc = n_loss = 0
     for i, row in enumerate(cells):
         if i == base_i:
             continue
         for cell, base in zip(row, cells[base_i]):
             col = cell.column
+            names = col.metric.lower().split("|")
+            if cell.eval_dir and base.eval_dir and names[0].startswith("answer_nll"):
+                iv = _paired_loss_interval(cell.eval_dir, base.eval_dir, names[0])
+                if iv is not None:
+                    cell.diff_ci = (iv[0] * col.scale, iv[1] * col.scale)
+                    n_loss += 1
+                continue
             if cell.ci is None or base.ci is None or cell.metrics is None or base.metrics is None:
                 continue
-            for name in col.metric.lower().split("|"):
+            for name in names:
                 iv = difference_interval(cell.metrics, base.metrics, name)
                 if iv is not None:
                     cell.diff_ci = (_display(col, iv[0]), _display(col, iv[1]))  # fractions: |d| <= 1
-                    done = True
+                    n_acc += 1
                     break
-    return ", ".join(str(v) for v in row_keys[base_i] if v is not None) if done else None
+    if not n_acc and not n_loss:
+        return None
+    return ", ".join(str(v) for v in row_keys[base_i] if v is not None), n_acc, n_loss
 
 
 def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> TableResult:
@@ -374,6 +397,8 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
             elif len(recs) == 1 and c.pct and c.relative_to is None:
                 cell.ci = _accuracy_ci(c, recs[0]["metrics"])
                 cell.metrics = {k.lower(): v for k, v in recs[0]["metrics"].items()}
+            elif len(recs) == 1 and c.relative_to is None and c.metric.lower().startswith("answer_nll"):
+                cell.eval_dir = store.run_dir(recs[0]["kind"], recs[0]["key"]) / "eval"
             if (rk, pv, c.ref_key) in refs:
                 cell.paper, cell.paper_source = refs[(rk, pv, c.ref_key)]
             row_cells.append(cell)
@@ -388,10 +413,18 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
                      "Avg.: the pooled count for equal sets, else a normal approximation of the mean "
                      "(deftlab.scoring.intervals). † marks a paper number outside our interval")
     if compared is not None:
-        n_diff = sum(c.differs for row in cells for c in row)
-        notes.append(f"{DIFFERS} marks an accuracy whose difference from the row '{compared}' has a 95% interval "
-                     "that excludes 0 (Newcombe's hybrid score interval on the two runs' counts, taken as "
-                     f"independent; Avg.: pooled counts): {n_diff} cell(s) marked")
+        label, n_acc, n_loss = compared
+        marked = [c for row in cells for c in row if c.differs]
+        if n_acc:
+            notes.append(f"{DIFFERS} on an accuracy: its difference from the row '{label}' has a 95% interval that "
+                         "excludes 0 (Newcombe's hybrid score interval on the two runs' counts, taken as "
+                         f"independent; Avg.: pooled counts): {sum(c.ci is not None for c in marked)} cell(s) marked")
+        if n_loss:
+            notes.append(f"{DIFFERS} on an answer NLL: its difference from the row '{label}' has a 95% interval that "
+                         "excludes 0 (paired over the same problems: the token-weighted mean of per-problem "
+                         "differences, ratio-estimator variance over problems; deftlab.scoring.intervals."
+                         f"paired_ratio_difference): {sum(c.ci is None for c in marked)} cell(s) marked; "
+                         "the intervals are the CSV's diff_low/diff_high")
     covered = {(rk, pv) for rk in row_keys for pv in pivots}
     if ref and ref.entries:
         outside = {(tuple(_norm(e.row.get(r)) for r in t.rows), _norm(e.row.get(t.pivot)) if t.pivot else None)

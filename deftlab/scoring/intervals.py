@@ -100,3 +100,22 @@ def difference_interval(a: Mapping[str, object], b: Mapping[str, object], metric
     d = sum(p for p, _ in ca) / k - sum(p for p, _ in cb) / k
     var = sum(p * (1 - p) / n for p, n in ca + cb) / (k * k)
     return d - z * math.sqrt(var), d + z * math.sqrt(var)
+
+
+def paired_ratio_difference(a: Sequence[float], b: Sequence[float], weights: Sequence[float],
+                            z: float = Z95) -> tuple[float, float, float] | None:
+    """(d, low, high) for d = Σa/Σw − Σb/Σw over the same items scored by two models, e.g. two runs' summed answer
+    NLLs a_i, b_i over the items' token counts w_i (the per-token NLL each table prints).
+
+    Items, not tokens, are the sampling units: the variance is the ratio estimator's linearisation,
+    n/(n−1) · Σ(a_i − b_i − d·w_i)² / (Σw)², so the pairing removes the items' shared difficulty. None with fewer
+    than two items or no weight."""
+    if not len(a) == len(b) == len(weights):
+        raise ValueError("need one a, one b and one weight per item")
+    n, total = len(a), float(sum(weights))
+    if n < 2 or total <= 0:
+        return None
+    d = (sum(a) - sum(b)) / total
+    ss = sum((x - y - d * w) ** 2 for x, y, w in zip(a, b, weights))
+    half = z * math.sqrt(n / (n - 1) * ss) / total
+    return d, d - half, d + half

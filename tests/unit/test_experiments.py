@@ -103,7 +103,7 @@ def test_every_registered_experiment_loads_expands_and_has_all_presets():
         # smoke runs the tiny model only, so `make all PRESET=smoke` stays fast
         for spec in expand(exp, "smoke"):
             assert spec.params.get("model", "tiny") == "tiny", (name, spec.params)
-    assert len(smoke_runs) <= 80
+    assert len(smoke_runs) <= 84
     for fig in ("fig5a", "fig5b", "fig6", "fig7"):
         assert exps[fig].figure is not None
         assert (REPO / "paper_figures" / f"{fig}.py").is_file()
@@ -471,6 +471,52 @@ def test_accuracies_whose_difference_from_the_compared_row_excludes_zero_are_mar
     # without compare_to the first row is the baseline
     res = _scored_table(tmp_path / "first", [0.5, 0.2, 0.4])
     assert res.cells[1][0].differs and res.cells[0][0].diff_ci is None
+
+
+def test_answer_losses_are_compared_item_by_item_with_the_compared_row(tmp_path):
+    """A kind that writes prediction files: run `shift` adds shift nats to every token of 40 problems whose own
+    losses vary widely, so only the pairing can resolve a shift of 0.05."""
+    import json as _json
+    import random
+
+    rng = random.Random(1)
+    items = [(rng.uniform(0.2, 3.0), rng.randint(5, 60)) for _ in range(40)]
+
+    def lossy(p, d):
+        (d / "eval").mkdir(parents=True, exist_ok=True)
+        noise = random.Random(str(p["shift"]))
+        rows = [{"index": i, "answer_nll": h + p["shift"] + noise.gauss(0, 0.01), "answer_tokens": t}
+                for i, (h, t) in enumerate(items)]
+        (d / "eval" / "SVAMP.predictions.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+        tot = sum(r["answer_nll"] * r["answer_tokens"] for r in rows) / sum(r["answer_tokens"] for r in rows)
+        return {"answer_nll": tot, "answer_nll_svamp": tot}
+
+    kinds.register_kind("lossy", lossy, replace=True)
+    try:
+        (tmp_path / "lo.yaml").write_text(textwrap.dedent("""
+            name: lo
+            title: Losses
+            source: {paper: P, item: Table 1}
+            kind: lossy
+            grid: {shift: [0.0, 0.05, 0.0001]}
+            presets: {cpu-small: {}}
+            table:
+              rows: [shift]
+              columns:
+                - {metric: answer_nll, label: NLL, fmt: "{:.3f}"}
+            """))
+        exp = load_experiment("lo", tmp_path)
+        store = ResultsStore(tmp_path / "r")
+        run_experiment(exp, None, store)
+        res = tables.build_table(exp, None, store)
+    finally:
+        kinds.unregister_kind("lossy")
+    base, shifted, same = (row[0] for row in res.cells)
+    assert base.diff_ci is None
+    assert shifted.differs and shifted.text().endswith("*") and shifted.diff_ci[0] < 0.05 < shifted.diff_ci[1]
+    assert shifted.diff_ci[1] - shifted.diff_ci[0] < 0.02  # unpaired, the items' own spread would swamp 0.05
+    assert not same.differs and same.diff_ci[0] < 0 < same.diff_ci[1]
+    assert any("answer NLL" in n and "1 cell(s) marked" in n for n in res.notes)
 
 
 # --- figures ------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from deftlab.scoring.intervals import (accuracy_interval, difference_interval, mean_interval, newcombe_difference,
-                                      wilson)
+                                      paired_ratio_difference, wilson)
 
 
 def test_wilson_matches_the_textbook_values():
@@ -53,3 +53,41 @@ def test_difference_interval_pools_equal_sets_and_needs_the_same_sets():
     c = {"acc_gsm8k": 0.5, "n_gsm8k": 100, "acc_svamp": 0.1, "n_svamp": 40}
     lo, hi = difference_interval(c, c, "avg")  # unequal sets: normal approximation, centred on 0
     assert lo == pytest.approx(-hi) and hi > 0
+
+
+def test_paired_ratio_difference_is_exact_for_a_constant_per_token_shift():
+    w = [3, 10, 7, 1]
+    b = [2.0 * t for t in w]
+    assert paired_ratio_difference(b, b, w) == (0.0, 0.0, 0.0)
+    d, lo, hi = paired_ratio_difference([x + 0.25 * t for x, t in zip(b, w)], b, w)
+    assert (d, lo, hi) == pytest.approx((0.25, 0.25, 0.25))
+    assert paired_ratio_difference([1.0], [2.0], [1]) is None
+    with pytest.raises(ValueError):
+        paired_ratio_difference([1.0, 2.0], [1.0], [1, 1])
+
+
+def test_paired_ratio_difference_matches_a_bootstrap_over_items():
+    import random
+
+    rng = random.Random(0)
+    n = 200
+    w = [rng.randint(5, 120) for _ in range(n)]
+    hard = [rng.uniform(0.5, 3.0) for _ in range(n)]  # shared per-item difficulty: what pairing removes
+    a = [t * (h + rng.gauss(0.1, 0.3)) for t, h in zip(w, hard)]
+    b = [t * (h + rng.gauss(0.0, 0.3)) for t, h in zip(w, hard)]
+    d, lo, hi = paired_ratio_difference(a, b, w)
+    assert d == pytest.approx((sum(a) - sum(b)) / sum(w))
+    boots = []
+    for _ in range(4000):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append((sum(a[i] for i in idx) - sum(b[i] for i in idx)) / sum(w[i] for i in idx))
+    mean = sum(boots) / len(boots)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in boots) / (len(boots) - 1))
+    assert (hi - lo) / 2 == pytest.approx(1.959963984540054 * sd, rel=0.1)
+    # taken as independent runs (each run's own item-to-item spread added) the interval would be far wider
+
+    def spread(x):
+        r = sum(x) / sum(w)
+        return sum((v - r * t) ** 2 for v, t in zip(x, w)) * n / (n - 1) / sum(w) ** 2
+
+    assert math.sqrt(spread(a) + spread(b)) > 2 * sd
