@@ -20,6 +20,7 @@ COMMANDS = {
     "sweep": "sweep",
     "delta": "delta",
     "demo": "demo",
+    "plan": "plan",
 }
 
 

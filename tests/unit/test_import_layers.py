@@ -15,7 +15,7 @@ ROOT = Path(deftlab.__file__).resolve().parent
 LAYERS = [
     {"__init__", "errors", "paths", "settings", "checksums", "linalg", "manifest", "config"},  # core
     {"store", "models", "allocate", "scoring"},
-    {"data"},
+    {"data", "planner"},
     {"tasks", "decompose"},
     {"surgery", "eval"},
     {"adapters", "train"},
