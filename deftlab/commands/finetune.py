@@ -49,6 +49,8 @@ def add_parser(sub, name):
                       ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int),
                       ("cutoff_len", int)):
         param_flag(t, FT, name, type=typ, show_default=False)
+    t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
+                   default=None, help="recompute each layer in backward (less memory; `deftlab plan` shows how much)")
     param_flag(t, FT, "optimizer", choices=["adamw", "galore"],
                help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4)")
     param_flag(t, FT, "bottleneck_size", type=int, show_default=False, help="series/parallel adapter width")

@@ -60,7 +60,7 @@ PPL_FILE = "perplexity.json"
 Method = Literal["dense", "deft", "welore"]
 # training-profile fields a run may override
 PROFILE_OVERRIDES = ("lr", "lora_r", "lora_alpha", "seed", "eval_limit", "train_limit", "max_steps", "epochs",
-                     "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len")
+                     "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class FinetuneConfig:
     batch_size: int | None = None
     micro_batch_size: int | None = None
     cutoff_len: int | None = None  # tokens per training example (WeLore Table 9: 512)
+    gradient_checkpointing: bool | None = None  # None: the profile's
     task_options: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
     ppl_stage: Literal["before", "after"] | None = None

@@ -64,6 +64,9 @@ class TrainProfile:
     ppl_train_heldout: bool = True  # also PPL(Train) on training examples not trained on (recipes.finetune)
     # runtime
     precision: Precision = "auto"  # auto: bf16-mixed on a bf16-capable GPU, 32-true otherwise
+    # recompute each decoder layer in backward instead of keeping its activations (HF, non-reentrant): every layer
+    # then keeps only its input; `deftlab plan` shows what it saves
+    gradient_checkpointing: bool = False
     seed: int = 42
     save_every_n_steps: int = 50
     log_every_n_steps: int = 10

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from safetensors.torch import load_file, save_file
 
 from deftlab.config import to_dict
-from deftlab.errors import CacheCorruptError
+from deftlab.errors import CacheCorruptError, DeftlabError
 from deftlab.manifest import write_json_atomic
 from deftlab.train.datamodule import TaskDataModule
 from deftlab.train.loggers import finish_loggers, make_loggers
@@ -144,6 +144,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """HF's per-decoder-layer activation checkpointing, non-reentrant (it needs no input that requires grad, and
+    works with frozen bases); the embeddings' output is made to require grad as PEFT does for k-bit training, so
+    adapters inside checkpointed layers always get gradients."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise DeftlabError(f"{type(base).__name__} does not support gradient checkpointing",
+                           "set gradient_checkpointing: false in the training profile")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+
+
 def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: str | os.PathLike, *,
         datamodule: TaskDataModule | None = None, loggers: list | bool | str = "auto",
         wandb_mode: str | None = None, callbacks: list | None = None, resume: bool = True, progress: bool = True,
@@ -164,6 +176,8 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         loggers = make_loggers(run_dir, run_name=run_dir.name, wandb_mode=wandb_mode,
                                config={"preset": to_dict(preset), "task": task.describe()})
     pl.seed_everything(preset.seed, workers=True, verbose=False)
+    if preset.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     dm = datamodule or TaskDataModule(task, tokenizer, cutoff_len=preset.cutoff_len,
                                       micro_batch_size=preset.micro_batch_size, limit=preset.train_limit,
                                       seed=preset.seed)

@@ -206,3 +206,18 @@ def test_loggers_fall_back_to_csv_when_wandb_fails(tmp_path, monkeypatch):
 def test_train_preset_defaults_are_the_paper_recipe():
     p = TrainProfile()
     assert (p.lr, p.betas, p.batch_size, p.lora_r, p.lora_alpha, p.cutoff_len) == (3e-4, [0.9, 0.999], 16, 32, 16, 256)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(task, tmp_path):
+    """Recomputing each layer in backward changes memory, not arithmetic: the same loss curve and trained weights."""
+    runs = {}
+    for ckpt in (False, True):
+        model = _model()
+        stats = fit(model, TinyTokenizer(), task, load_profile("smoke", max_steps=3, gradient_checkpointing=ckpt),
+                    tmp_path / str(ckpt), loggers=False, progress=False)
+        assert model.model.gradient_checkpointing is ckpt
+        runs[ckpt] = ((stats["initial_loss"], stats["final_loss"]), load_file(str(tmp_path / str(ckpt) / FINAL_WEIGHTS)))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for name, t in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], t, rtol=1e-4, atol=1e-6)
+    assert _model().model.gradient_checkpointing is False  # a fresh model is untouched
