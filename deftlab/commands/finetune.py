@@ -51,8 +51,9 @@ def add_parser(sub, name):
         param_flag(t, FT, name, type=typ, show_default=False)
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
                    default=None, help="recompute each layer in backward (less memory; `deftlab plan` shows how much)")
-    param_flag(t, FT, "optimizer", choices=["adamw", "galore"],
-               help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4)")
+    param_flag(t, FT, "optimizer", choices=["adamw", "galore", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"],
+               help="galore: GaLore-projected AdamW for --adapter full (WeLore Table 4); paged_adamw: QLoRA's "
+                    "recipe (bitsandbytes; states paged to the CPU under GPU memory pressure)")
     param_flag(t, FT, "bottleneck_size", type=int, show_default=False, help="series/parallel adapter width")
     param_flag(t, FT, "adapter_scaling", type=float, show_default=False, help="series/parallel output scale")
     param_flag(t, FT, "non_linearity", choices=["tanh", "relu", "gelu", "silu"], show_default=False,

@@ -40,8 +40,8 @@ def add_parser(sub, name):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--adapter-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="LoRA weights' dtype (deftlab/PEFT: fp32; QLoRA's own script: bf16)")
-    p.add_argument("--paged-optimizer", action="store_true",
-                   help="AdamW states paged/offloaded off the device (QLoRA's paged_adamw): not counted")
+    p.add_argument("--optimizer", choices=("adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"),
+                   default="adamw", help="as `deftlab finetune --optimizer`; paged states are counted off the device")
     p.add_argument("--device-mem", default=None, help="device memory to fit, e.g. 24GiB, 24GB, 80000MiB")
     p.add_argument("--calib-n", type=int, default=256, help="calibration sequences (default 256)")
     p.add_argument("--calib-batch", type=int, default=4, help="calibration batch (default 4)")
@@ -61,7 +61,7 @@ def run(args) -> int:
     arch = load_architecture(args.model)
     setup = TrainSetup(args.adapter, args.batch_size, args.seq_len, keep=args.keep, keep_of=args.keep_of,
                        lora_r=args.lora_r, compute=args.compute, device=args.device, adapter_dtype=args.adapter_dtype,
-                       optimizer_on_device=not args.paged_optimizer)
+                       optimizer=args.optimizer)
     setup.validate()
     device_bytes = parse_size(args.device_mem) if args.device_mem else None
     calib = dict(n_samples=args.calib_n, seq_len=args.seq_len, batch_size=args.calib_batch, dtype=args.compute)

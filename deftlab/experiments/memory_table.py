@@ -47,7 +47,7 @@ def memory_vs_paper(name: str):
         keep = p.get("keep") if p.get("method") == "deft" else None
         setup = TrainSetup("qlora", int(p["batch_size"]), int(p["seq_len"]), keep=keep,
                            keep_of=p.get("keep_of") or "linears", lora_r=int(p.get("lora_r", 32)), grad_ckpt=True)
-        recipe = replace(setup, adapter_dtype="bf16", optimizer_on_device=False)
+        recipe = replace(setup, adapter_dtype="bf16", optimizer="paged_adamw")
         rows.append({"setting": spec.labels.get("_setting"), "batch": setup.batch_size, "model": p["model"],
                      "seq_len": setup.seq_len, "paper_gb": paper.get((spec.labels.get("_setting"),
                                                                       setup.batch_size)),

@@ -34,6 +34,9 @@ DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 DEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the paper's #Trainable
 
 Adapter = Literal["qlora", "lora", "full"]
+# AdamW's two states per trainable parameter on the device: fp32, 8-bit, or paged to the CPU (QLoRA's recipe; the
+# planner counts paged states as off the device, where paging puts them when memory runs short)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 0, "paged_adamw_8bit": 0}
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
@@ -58,7 +61,7 @@ class TrainSetup:
     compute: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: Literal["cuda", "cpu"] = "cuda"
     adapter_dtype: Literal["fp32", "bf16"] = "fp32"  # deftlab/PEFT: fp32 LoRA weights; QLoRA's script: bf16
-    optimizer_on_device: bool = True  # False: paged/offloaded AdamW states (QLoRA's paged_adamw) not counted
+    optimizer: Literal["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
 
     def validate(self) -> None:
         if self.adapter not in ("qlora", "lora", "full"):
@@ -66,6 +69,9 @@ class TrainSetup:
         if self.batch_size < 1 or self.seq_len < 1:
             raise DeftlabError(f"batch size {self.batch_size} and sequence length {self.seq_len} must be ≥ 1",
                                "pass positive --batch-size and --seq-len")
+        if self.optimizer not in OPTIMIZER_STATE_BYTES:
+            raise DeftlabError(f"optimizer {self.optimizer!r} is not one the planner models",
+                               f"use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise DeftlabError(f"keep={self.keep} is not in (0, 1]", "pass a fraction such as 0.85")
 
@@ -185,8 +191,8 @@ def finetune_phase(arch: Architecture, setup: TrainSetup) -> Phase:
     if setup.adapter != "full":
         parts[f"adapters ({setup.adapter_dtype})"] = float(a * n_train)
     parts["gradients"] = float(a * n_train)
-    if setup.optimizer_on_device:
-        parts["AdamW states (fp32)"] = 8.0 * n_train
+    if OPTIMIZER_STATE_BYTES[setup.optimizer]:
+        parts[f"optimizer states ({setup.optimizer})"] = float(OPTIMIZER_STATE_BYTES[setup.optimizer] * n_train)
     if setup.adapter == "full" and setup.compute != "fp32":  # autocast's half copies of the weights, kept for backward
         parts["half-precision weight copies"] = float(setup.e * arch.linear_params()
                                                       * kept_linear_fraction(arch, setup.keep, setup.keep_of))

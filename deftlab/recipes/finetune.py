@@ -106,7 +106,8 @@ class FinetuneConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
     ppl_stage: Literal["before", "after"] | None = None
-    optimizer: Literal["adamw", "galore"] = "adamw"  # galore: WeLore Table 4's baseline (full weights, projected)
+    # galore: WeLore Table 4's baseline (full weights, projected); paged_adamw: QLoRA's recipe (bitsandbytes)
+    optimizer: Literal["adamw", "galore", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     data_dir: str | None = None
     bottleneck_size: int | None = None
     adapter_scaling: float | None = None

@@ -56,7 +56,10 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str =
 
 # GaLore (Zhao et al. 2024) projection settings: the galore-torch README's LLaMA pre-training defaults
 GALORE = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-OPTIMIZERS = ("adamw", "galore")
+# bitsandbytes' AdamW variants (QLoRA's recipe uses paged_adamw): paged states move to the CPU under memory pressure
+# (on CUDA; on CPU bitsandbytes falls back to unpaged), 8-bit states take 2 bytes per parameter instead of 8
+BNB_OPTIMIZERS = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+OPTIMIZERS = ("adamw", "galore", *BNB_OPTIMIZERS)
 
 
 class DeftLightningModule(pl.LightningModule):
@@ -90,6 +93,11 @@ class DeftLightningModule(pl.LightningModule):
                                "attach an adapter (deftlab.adapters.attach) or unfreeze some weights")
         if self.optimizer_name == "galore":
             opt = self._galore(params)
+        elif self.optimizer_name in BNB_OPTIMIZERS:
+            import bitsandbytes as bnb
+
+            opt = getattr(bnb.optim, BNB_OPTIMIZERS[self.optimizer_name])(
+                params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
                                     weight_decay=self.weight_decay)

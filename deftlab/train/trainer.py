@@ -162,7 +162,8 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         accelerator: str = "auto", optimizer: str = "adamw") -> dict:
     """Fine-tune `model`'s trainable parameters on `task` with `preset`; return training statistics.
 
-    optimizer: "adamw", or "galore" (GaLoreAdamW from galore-torch; deftlab.train.module.GALORE).
+    optimizer: "adamw", "galore" (GaLoreAdamW from galore-torch; deftlab.train.module.GALORE), or one of
+    bitsandbytes' "paged_adamw", "adamw_8bit", "paged_adamw_8bit".
 
     Writes <run_dir>/checkpoints/, <run_dir>/trainable.safetensors (final trainable tensors, names as in
     `model.named_parameters()`) and <run_dir>/train_stats.json. The model is trained in place and returned to
@@ -193,6 +194,8 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # our DataModule restores the data position itself (state_dict/load_state_dict), which Lightning misses
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # bitsandbytes' paged optimizers on CPU fall back to unpaged states (module.BNB_OPTIMIZERS says so)
+        warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
         status = "failed"
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)

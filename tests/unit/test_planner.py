@@ -58,7 +58,7 @@ def test_deft_shrinks_only_the_linears_and_full_ft_counts_fp32_masters():
     assert deft.parts["activations"] == dense.parts["activations"]  # frozen factors save nothing per token
     full = finetune_phase(arch, TrainSetup("full", 1, 256))
     assert full.parts["weights: linears"] + full.parts["weights: embeddings, head, norms"] == 4 * arch.total_params()
-    assert full.parts["AdamW states (fp32)"] == 8 * arch.total_params()
+    assert full.parts["optimizer states (adamw)"] == 8 * arch.total_params()
 
 
 def test_largest_batch_is_the_last_that_fits():

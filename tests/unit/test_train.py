@@ -221,3 +221,26 @@ def test_gradient_checkpointing_gives_the_same_losses(task, tmp_path):
     for name, t in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], t, rtol=1e-4, atol=1e-6)
     assert _model().model.gradient_checkpointing is False  # a fresh model is untouched
+
+
+@pytest.mark.parametrize("name", ["paged_adamw", "adamw_8bit"])
+def test_bitsandbytes_optimizers_train(task, tmp_path, name):
+    import bitsandbytes as bnb
+
+    from deftlab.train.module import BNB_OPTIMIZERS
+
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_end(self, trainer, module):
+            opt = trainer.optimizers[0]
+            seen["cls"] = type(opt)
+            seen["state_dtypes"] = {s["state1"].dtype for s in opt.state.values() if "state1" in s}
+
+    model = _model(trainable=("",))
+    stats = fit(model, TinyTokenizer(), task, load_profile("smoke"), tmp_path, loggers=False, progress=False,
+                callbacks=[Spy()], optimizer=name)
+    assert seen["cls"] is getattr(bnb.optim, BNB_OPTIMIZERS[name])
+    # 8-bit states for tensors of ≥ 4096 entries (bitsandbytes' min_8bit_size): the 128×64 embedding
+    assert (torch.uint8 in seen["state_dtypes"]) == name.endswith("8bit")
+    assert stats["final_loss"] < stats["initial_loss"] - 0.3
