@@ -116,11 +116,13 @@ def skeleton_from_checkpoint(ckpt_dir: str | Path, dtype: torch.dtype = torch.fl
 
 
 def _materialise(module: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype) -> None:
-    module.to_empty(device=device)
-    missing, unexpected = module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise DeftlabError(f"checkpoint tensors do not match the block: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}", "use the checkpoint the skeleton was built from")
+    """Put the checkpoint's tensors into a meta module as its parameters (assigned, not copied: one copy)."""
+    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if missing or unexpected or left:
+        raise DeftlabError(f"checkpoint tensors do not match the block: missing {(missing or left)[:3]}, "
+                           f"unexpected {unexpected[:3]}", "use the checkpoint the skeleton was built from")
 
 
 def _prepare_meta_inputs(model: torch.nn.Module, reader: ShardReader, device, dtype) -> list[torch.nn.Module]:

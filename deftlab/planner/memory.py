@@ -220,27 +220,31 @@ def gram_bytes(arch: Architecture) -> dict[str, float]:
 def calibration_phase(arch: Architecture, *, n_samples: int, seq_len: int, batch_size: int = 1,
                       dtype: str = "bf16", block_sequential: bool = False,
                       hidden_on_device: bool = True) -> Phase:
-    """Peak of collecting the Grams (no gradients).
+    """Peak of collecting the Grams (no gradients; the backbone only, no LM head).
 
-    Whole-model pass (today's deftlab): every weight and every Gram resident at once. Block-sequential: one block's
-    weights and Grams, and the calibration set's hidden states entering and leaving that block (on the device, or
-    kept on CPU/disk with `hidden_on_device=False`); the embeddings are resident only while the inputs are built.
-    Both add one batch's forward temporaries and the hook's float64 copy of the widest input."""
+    Whole-model pass (today's default): every weight and every Gram resident at once. Block-sequential
+    (deftlab.decompose.blockwise): the larger of (a) the embeddings while the block inputs are built and (b) one
+    block's weights and Grams while a block runs; both beside the calibration set's hidden states (on the device,
+    or on CPU/disk with `hidden_on_device=False`). Both add one batch's forward temporaries and the hook's float64
+    copy of the widest input."""
     e = DTYPE_BYTES[dtype]
     tokens = batch_size * seq_len
     widest = max(arch.gram_widths().values())
-    forward = tokens * (e * (3 * arch.hidden + 3 * arch.intermediate) + 8 * widest)
+    forward = float(tokens * (e * (3 * arch.hidden + 3 * arch.intermediate) + 8 * widest))
     grams = gram_bytes(arch)
     if not block_sequential:
         return Phase("calibration (whole model)", {
             "weights": float(e * arch.total_params()), "Grams (fp64, all blocks)": grams["model"],
-            "forward temporaries": float(forward + tokens * e * arch.vocab)})
-    block = e * (arch.block_linear_params() + arch.block_other_params())
-    hidden = 2.0 * e * n_samples * seq_len * arch.hidden if hidden_on_device else 2.0 * e * tokens * arch.hidden
-    resident = max(block, e * arch.embed_params())
+            "forward temporaries": forward})
+    hidden = float(e * (n_samples if hidden_on_device else batch_size) * seq_len * arch.hidden)
+    block = float(e * (arch.block_linear_params() + arch.block_other_params()))
+    embed = float(e * arch.embed_params())
+    if embed > block + grams["block"]:
+        return Phase("calibration (block by block)", {
+            "embeddings (building the block inputs)": embed, "hidden states": hidden, "forward temporaries": forward})
     return Phase("calibration (block by block)", {
-        "weights (one block)": float(resident), "Grams (fp64, one block)": grams["block"],
-        "hidden states": hidden, "forward temporaries": float(forward)})
+        "weights (one block)": block, "Grams (fp64, one block)": grams["block"], "hidden states": hidden,
+        "forward temporaries": forward})
 
 
 def decomposition_phase(arch: Architecture, *, block_sequential: bool = False, dtype: str = "bf16") -> Phase:
