@@ -47,8 +47,10 @@ def add_parser(sub, name):
     t = p.add_argument_group("training (unset: the profile's value)")
     for name, typ in (("lr", float), ("lora_r", int), ("lora_alpha", float), ("seed", int), ("epochs", int),
                       ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int),
-                      ("cutoff_len", int)):
+                      ("cutoff_len", int), ("devices", int), ("num_nodes", int)):
         param_flag(t, FT, name, type=typ, show_default=False)
+    param_flag(t, FT, "strategy", choices=["auto", "ddp_spawn", "ddp_fork"], show_default=False,
+               help="data-parallel strategy for --devices > 1 (auto: ddp_spawn; records stay in this process)")
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
                    default=None, help="recompute each layer in backward (less memory; `deftlab plan` shows how much)")
     param_flag(t, FT, "optimizer", choices=["adamw", "galore", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"],

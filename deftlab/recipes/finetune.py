@@ -60,7 +60,8 @@ PPL_FILE = "perplexity.json"
 Method = Literal["dense", "deft", "welore"]
 # training-profile fields a run may override
 PROFILE_OVERRIDES = ("lr", "lora_r", "lora_alpha", "seed", "eval_limit", "train_limit", "max_steps", "epochs",
-                     "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len", "gradient_checkpointing")
+                     "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len", "gradient_checkpointing",
+                     "devices", "num_nodes", "strategy")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class FinetuneConfig:
     micro_batch_size: int | None = None
     cutoff_len: int | None = None  # tokens per training example (WeLore Table 9: 512)
     gradient_checkpointing: bool | None = None  # None: the profile's
+    devices: int | None = None  # data-parallel processes per node (None: the profile's)
+    num_nodes: int | None = None
+    strategy: Literal["auto", "ddp_spawn", "ddp_fork"] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
     ppl_stage: Literal["before", "after"] | None = None

@@ -10,6 +10,8 @@ numeric sets, the first option letter for AQuA. Differences from LLM-Adapters, o
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Callable
 
 from deftlab.data import load_arith_test, load_arith_train
@@ -154,6 +156,10 @@ def overlap_summary(report) -> dict:
             "n_train": report.n_train, "summary": report.summary()}
 
 
+def _generated_test_set(_name: str, *, n: int, seed: int) -> list[dict]:
+    return generate_arith(n, seed)
+
+
 class GeneratedArithmeticTask(ArithmeticTask):
     """Synthetic arithmetic word problems (`deftlab.data.generated`) with a disjoint-seed test set.
 
@@ -162,7 +168,8 @@ class GeneratedArithmeticTask(ArithmeticTask):
 
     def __init__(self, *, n_train: int = 1000, n_test: int = 200, seed: int = 0, max_new_tokens: int | None = None,
                  prompt_style: str = "plain"):
-        super().__init__(train_source=lambda: generate_arith(n_train, seed),
-                         test_source=lambda _name: generate_arith(n_test, seed + 1),
+        # partials, not lambdas: a task crosses into spawned training processes by pickling
+        super().__init__(train_source=partial(generate_arith, n_train, seed),
+                         test_source=partial(_generated_test_set, n=n_test, seed=seed + 1),
                          eval_sets=("generated",), prompt_style=prompt_style, max_new_tokens=max_new_tokens,
                          name="generated")

@@ -24,10 +24,17 @@ from deftlab.tasks.splits import train_subset
 
 
 class SeededBatchSampler(Sampler[list[int]]):
-    """Batches of a per-epoch permutation seeded by seed + epoch; can skip the batches already trained on."""
+    """Batches of a per-epoch permutation seeded by seed + epoch; can skip the batches already trained on.
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+    With `world` processes, process `rank` takes every world-th batch starting at its rank, so the processes'
+    batches of one optimizer step are the very batches one process would accumulate for that step (the same
+    examples, padded the same way); the last batches that would leave the processes unequal are dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        if not 0 <= rank < world:
+            raise DeftlabError(f"rank {rank} is not in [0, {world})")
+        self.rank, self.world = rank, world
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip once, after a resume
 
@@ -57,10 +64,12 @@ class SeededBatchSampler(Sampler[list[int]]):
             start = self._skip[1]
         self._skip = None
         for b in range(start, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            g = b * self.world + self.rank  # the global batch this process takes
+            yield order[g * self.batch_size : (g + 1) * self.batch_size]
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        """Batches this process takes per epoch."""
+        return math.ceil(self.n / self.batch_size) // self.world
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -103,7 +112,10 @@ class TaskDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        self._sampler = SeededBatchSampler(len(self.train_set), self.micro_batch_size, self.seed)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._sampler = SeededBatchSampler(len(self.train_set), self.micro_batch_size, self.seed, rank=rank,
+                                           world=world)
         if self._resume:  # kept: Lightning may build the loader twice (step estimate, then training)
             self._sampler.resume_at(self._resume["epoch"], self._resume["batches_done"])
         return DataLoader(self.train_set, batch_sampler=self._sampler, collate_fn=self.collator,

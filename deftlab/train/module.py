@@ -134,8 +134,13 @@ class DeftLightningModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise DeftlabError(f"non-finite training loss at step {self.global_step}",
                                "lower the learning rate or use fp32/bf16 instead of fp16")
-        self.stats["losses"].append(float(loss.detach()))
-        self.stats["tokens"] += int(batch["attention_mask"].sum())
+        value, tokens = loss.detach(), batch["attention_mask"].sum().float()
+        if self.trainer.world_size > 1:  # the statistics of the whole step, not of this process's share
+            reduce = self.trainer.strategy.reduce
+            value, tokens = reduce(value, reduce_op="mean"), reduce(tokens, reduce_op="sum")
+            n_target = int(reduce(torch.tensor(float(n_target), device=value.device), reduce_op="sum"))
+        self.stats["losses"].append(float(value))
+        self.stats["tokens"] += int(tokens)
         self.stats["supervised_tokens"] += n_target
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
@@ -156,7 +161,9 @@ class DeftLightningModule(pl.LightningModule):
         self._t_last = now
         if self.stats["seconds"] > 0:
             self.log("train/tokens_per_s", self.stats["tokens"] / self.stats["seconds"], on_step=True)
-        self.log("train/peak_memory_mb", peak_memory_bytes(self.device)[0] / 2**20, on_step=True)
+        peak = peak_memory_bytes(self.device)[0]
+        self.stats["peak_memory_bytes"] = max(peak, self.stats.get("peak_memory_bytes") or 0)
+        self.log("train/peak_memory_mb", peak / 2**20, on_step=True)
         opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], on_step=True)
@@ -166,9 +173,10 @@ class DeftLightningModule(pl.LightningModule):
         losses = self.stats["losses"]
         k = max(1, min(len(losses) // 5, 20))
         peak, kind = peak_memory_bytes(self.device)
+        peak = max(peak, self.stats.get("peak_memory_bytes") or 0)  # a spawned rank 0's, carried back
         secs = self.stats["seconds"]
         return {
-            "global_step": int(self.global_step),
+            "global_step": int(self.stats.get("global_step") or self.global_step),
             "micro_batches": len(losses),
             "initial_loss": losses[0] if losses else None,
             "final_loss": sum(losses[-k:]) / k if losses else None,  # mean of the last k micro-batches

@@ -23,6 +23,7 @@ from deftlab.store.keys import short_digest
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 Schedule = Literal["linear", "cosine", "constant"]
+Strategy = Literal["auto", "ddp_spawn", "ddp_fork"]
 
 
 @dataclass
@@ -67,6 +68,12 @@ class TrainProfile:
     # recompute each decoder layer in backward instead of keeping its activations (HF, non-reentrant): every layer
     # then keeps only its input; `deftlab plan` shows what it saves
     gradient_checkpointing: bool = False
+    # data-parallel training (Lightning): devices per node × num_nodes processes share each optimizer step's
+    # batch_size; strategy "auto" is ddp_spawn when there is more than one process (the launching process keeps
+    # the run's records and evaluation). Processes launched by torchrun are not supported yet.
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Strategy = "auto"
     seed: int = 42
     save_every_n_steps: int = 50
     log_every_n_steps: int = 10
@@ -77,11 +84,12 @@ class TrainProfile:
                 raise ConfigError(f"profile '{self.name}': {name} must be positive, got {getattr(self, name)}")
 
         for n in ("lr", "batch_size", "micro_batch_size", "epochs", "cutoff_len", "lora_r", "lora_alpha",
-                  "eval_batch_size", "num_beams", "save_every_n_steps", "log_every_n_steps"):
+                  "eval_batch_size", "num_beams", "save_every_n_steps", "log_every_n_steps", "devices", "num_nodes"):
             positive(n)
-        if self.batch_size % self.micro_batch_size:
+        per_step = self.micro_batch_size * self.world_size
+        if self.batch_size % per_step:
             raise ConfigError(f"profile '{self.name}': batch_size {self.batch_size} is not a multiple of "
-                              f"micro_batch_size {self.micro_batch_size}", "make it a multiple")
+                              f"micro_batch_size × devices × num_nodes = {per_step}", "make it a multiple")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"profile '{self.name}': betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.lora_dropout < 1:
@@ -101,8 +109,13 @@ class TrainProfile:
                 "target_modules": tuple(self.lora_target_modules)}
 
     @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
     def accumulate_grad_batches(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Micro-batches each process accumulates per optimizer step (the processes together make batch_size)."""
+        return self.batch_size // (self.micro_batch_size * self.world_size)
 
 
 def profiles_dir() -> Path:

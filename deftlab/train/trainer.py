@@ -106,7 +106,7 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: list | bool = False,
                   callbacks: list | None = None, progress: bool = True, accelerator: str = "auto") -> pl.Trainer:
-    """pl.Trainer for one device with the preset's precision, accumulation and step/epoch limits."""
+    """pl.Trainer with the preset's devices, precision, accumulation and step/epoch limits."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CKPT_DIR
     # save_top_k=0 + save_last: only last.ckpt, rewritten every `save_every_n_steps` optimizer steps
@@ -120,7 +120,9 @@ def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: 
     step_based = preset.max_steps > 0
     return pl.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=preset.devices,
+        num_nodes=preset.num_nodes,
+        strategy=strategy_of(preset),
         precision=resolve_precision(preset.precision),
         max_epochs=-1 if step_based else preset.epochs,
         max_steps=preset.max_steps if step_based else -1,
@@ -135,8 +137,30 @@ def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: 
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        use_distributed_sampler=False,  # one device; our batch sampler owns the (resumable) order
+        use_distributed_sampler=False,  # our batch sampler owns the (resumable) order and each rank's share
     )
+
+
+def _recover_from_spawned(module: DeftLightningModule, run_dir: Path) -> None:
+    """After spawned processes trained, this process's module takes rank 0's final trainable tensors and
+    statistics from the checkpoint it wrote at the end (SaveOnTrainEnd)."""
+    path = last_checkpoint(run_dir)
+    if path is None:
+        raise DeftlabError(f"the training processes left no final checkpoint in {run_dir / CKPT_DIR}",
+                           "check the processes' errors above, then rerun")
+    ckpt = TrainableSafetensorsIO().load_checkpoint(path)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    resumed = module.stats.get("resumed_from_step")
+    module.on_load_checkpoint(ckpt)  # also checks the tensor names and restores the statistics
+    module.stats["resumed_from_step"] = resumed
+    module.stats["global_step"] = int(ckpt.get("global_step", 0))
+
+
+def strategy_of(preset: TrainProfile) -> str:
+    """Lightning's strategy: "auto" for one process; ddp_spawn (records stay in this process) for several."""
+    if preset.strategy == "auto" and preset.world_size > 1:
+        return "ddp_spawn"
+    return preset.strategy
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -203,6 +227,8 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         finally:
             if own_loggers:
                 finish_loggers(loggers, status)
+    if preset.world_size > 1:
+        _recover_from_spawned(module, run_dir)
     model.eval()
     stats = module.training_summary()
     stats.update({
@@ -210,6 +236,8 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "precision": resolve_precision(preset.precision),
         "accumulate_grad_batches": preset.accumulate_grad_batches,
+        "world_size": preset.world_size,
+        "strategy": strategy_of(preset),
         "data": dm.stats,
         "preset": to_dict(preset),
         "task": task.name,

@@ -244,3 +244,31 @@ def test_bitsandbytes_optimizers_train(task, tmp_path, name):
     # 8-bit states for tensors of ≥ 4096 entries (bitsandbytes' min_8bit_size): the 128×64 embedding
     assert (torch.uint8 in seen["state_dtypes"]) == name.endswith("8bit")
     assert stats["final_loss"] < stats["initial_loss"] - 0.3
+
+
+def test_two_processes_give_one_processs_losses_and_weights(task, tmp_path):
+    """DDP on CPU (gloo, ddp_spawn): 2 processes × 1 micro-batch per step make the same optimizer steps as 1
+    process accumulating 2 micro-batches (the sampler hands the ranks that process's very batches), so the
+    trained weights agree to float rounding (tolerance 1e-5 relative) after every step's update."""
+    from deftlab.train.datamodule import SeededBatchSampler
+
+    one = SeededBatchSampler(10, 2, seed=0)
+    ranks = [list(SeededBatchSampler(10, 2, seed=0, rank=r, world=2)) for r in (0, 1)]
+    assert [b for pair in zip(*ranks) for b in pair] == list(one)[:4]  # 5 batches: the odd one out is dropped
+    runs = {}
+    for devices in (1, 2):
+        model = _model()
+        stats = fit(model, TinyTokenizer(), task, load_profile("smoke", max_steps=3, devices=devices),
+                    tmp_path / str(devices), loggers=False, progress=False)
+        runs[devices] = (stats, load_file(str(tmp_path / str(devices) / FINAL_WEIGHTS)), model)
+    s1, s2 = runs[1][0], runs[2][0]
+    assert s2["world_size"] == 2 and s2["strategy"] == "ddp_spawn" and s2["accumulate_grad_batches"] == 1
+    assert s1["global_step"] == s2["global_step"] == 3
+    assert s2["train_tokens"] == s1["train_tokens"]  # both processes' tokens counted
+    assert s2["micro_batches"] == s1["micro_batches"] // 2  # one loss per step: both processes' mean
+    for name, t in runs[1][1].items():
+        torch.testing.assert_close(runs[2][1][name], t, rtol=1e-5, atol=1e-7)
+    # the launching process's model holds the trained weights (evaluation and records happen here)
+    trained = dict(runs[2][2].named_parameters())
+    for name, t in runs[1][1].items():
+        torch.testing.assert_close(trained[name].detach(), t, rtol=1e-5, atol=1e-7)
