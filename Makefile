@@ -18,6 +18,7 @@ help:
 	@echo "make test      run the default test suite (<15 min on 2 cores)"
 	@echo "make test-all  also the slow tests (-m slow)"
 	@echo "make bench     run the benchmarks in benchmarks/"
+	@echo "make gpu-check the GPU kit (no network, no setup: tools/gpu_check.py; ARGS=--dry-run on a CPU)"
 	@echo "make tableN / welore-tableN / figN / osd / figures / all  PRESET=smoke|cpu-small|gpu|paper"
 
 setup: $(STAMP)

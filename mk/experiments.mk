@@ -35,6 +35,12 @@ figures:
 
 experiments-all: $(EXPERIMENT_TABLES) $(PAPER_FIGURES)
 
+# The GPU kit: experiment gpu-check (its preset gpu, or smoke with ARGS=--dry-run) plus the CUDA tests and a
+# table, in one script; not part of experiments-all, and no `setup` (the GPU machine has no network).
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(ARGS)
+
 experiments-list:
 	$(DEFTLAB) run --list
 

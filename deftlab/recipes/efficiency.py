@@ -81,6 +81,9 @@ class EfficiencyConfig:
     e2e_epochs: int = 3
     gpu_price_per_hour: float | None = None
     cold_decomposition: bool = True  # time the decomposition from an empty cache (the paper's end-to-end Cost)
+    # synthetic: random weights at the model config's `arch` shapes, built block by block straight into NF4
+    # (deftlab.surgery.synthetic), DeFT at uniform ranks: memory and speed at paper scale with no checkpoint
+    weights: Literal["checkpoint", "synthetic"] = "checkpoint"
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -137,13 +140,17 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     fcfg = cfg.finetune_config(adapter)
     release_free_memory()
     rss_base = anon_rss()
-    with tempfile.TemporaryDirectory(prefix="deftlab-cold-") if cold else contextlib.nullcontext() as empty:
-        lm, model, report = build_model(fcfg, cache_root=empty)
+    if cfg.weights == "synthetic":
+        model, counts = _synthetic(cfg, fcfg)
+        decomposed, decompose_s = False, 0.0
+    else:
+        with tempfile.TemporaryDirectory(prefix="deftlab-cold-") if cold else contextlib.nullcontext() as empty:
+            lm, model, report = build_model(fcfg, cache_root=empty)
+        counts = report["params"]
+        decomposed = report.get("compress") is not None
+        decompose_s = report["compress"]["seconds"] if decomposed else 0.0
+        del report, lm  # the decomposition report holds the DeFT tails (copied into the LoRA by now)
     device = next(model.parameters()).device
-    counts = report["params"]
-    decomposed = report.get("compress") is not None
-    decompose_s = report["compress"]["seconds"] if decomposed else 0.0
-    del report, lm  # the decomposition report holds the DeFT tails (copied into the LoRA by now)
     materialize_weights(model)
     release_free_memory()
     if device.type == "cuda":
@@ -156,7 +163,7 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(3, vocab, (batch_size, seq), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    out: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq, "device": str(device),
+    out: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq, "device": str(device), "weights": cfg.weights,
                            "torch_threads": torch.get_num_threads(),
                            "adapter_used": fcfg.adapter, "params_total": counts["total"],
                            "trainable": counts["trainable"], "oom": False, "decompose_seconds": decompose_s,
@@ -211,7 +218,75 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     out.update(steps_timed=timed, step_seconds=seconds / timed if timed else None, tokens_per_s=rate)
     if cfg.mode == "train":
         out["train_tokens_per_s"] = rate
+        predicted = _planned_peak(cfg, fcfg, model, batch_size, seq)
+        if predicted is not None:
+            out.update(predicted_mem_mb=predicted / 2**20, mem_ratio=out["peak_mem_mb"] * 2**20 / predicted)
     return out
+
+
+def _arch(cfg: EfficiencyConfig) -> dict | None:
+    from deftlab.models.registry import get_spec
+
+    try:
+        return get_spec(cfg.model.model).arch
+    except DeftlabError:
+        return None  # a local model directory: its config.json (below)
+
+
+def _kept_fraction(cfg: EfficiencyConfig) -> float | None:
+    """The decoder linears' kept fraction of a DeFT-style budget (None: dense, or an ERR budget)."""
+    from deftlab.planner.architecture import from_hf_config
+    from deftlab.planner.memory import kept_linear_fraction
+
+    d = cfg.decomposition
+    if cfg.method == "dense" or d is None or d.keep is None:
+        return None
+    arch = _arch(cfg)
+    return kept_linear_fraction(from_hf_config(arch), d.keep, d.keep_of) if arch else None
+
+
+def _synthetic(cfg: EfficiencyConfig, fcfg: FinetuneConfig):
+    """The synthetic model of `cfg` with its adapter attached (init vanilla: there is no spectrum)."""
+    import dataclasses
+
+    from deftlab.adapters.attach import attach
+    from deftlab.surgery.params import count_params
+    from deftlab.surgery.synthetic import synthetic_model
+
+    arch = _arch(cfg)
+    if not arch:
+        raise ConfigError(f"weights: synthetic needs the shapes of model '{cfg.model.model}'",
+                          "use a model config with an arch block (configs/models)")
+    device = torch.device(cfg.model.resolve().device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.method != "dense" and _kept_fraction(cfg) is None:
+        raise ConfigError("weights: synthetic builds DeFT-style budgets (keep), not ERR", "give keep")
+    model = synthetic_model(arch, keep_linears=_kept_fraction(cfg), device=device, dtype=dtype,
+                            quantize=fcfg.adapter == "qlora", seed=cfg.seed)
+    acfg = fcfg.adapter_config()
+    model = attach(model, dataclasses.replace(acfg, init="vanilla") if acfg.uses_lora else acfg)
+    return model, count_params(model)
+
+
+def _planned_peak(cfg: EfficiencyConfig, fcfg: FinetuneConfig, model, batch_size: int, seq: int) -> float | None:
+    """`deftlab plan`'s fine-tuning peak for this measurement's setup (None where the planner has no model of
+    it: other adapters, ERR budgets, unknown shapes)."""
+    from deftlab.planner.architecture import from_hf_config
+    from deftlab.planner.memory import TrainSetup, finetune_phase
+
+    arch = _arch(cfg)
+    if arch is None or fcfg.adapter not in ("qlora", "lora", "full"):
+        return None
+    if cfg.method != "dense" and _kept_fraction(cfg) is None:
+        return None
+    acfg = fcfg.adapter_config()
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    setup = TrainSetup(fcfg.adapter, batch_size, seq, keep=_kept_fraction(cfg), keep_of="linears",
+                       lora_r=acfg.r, lora_targets=tuple(acfg.target_modules), lora_dropout=acfg.dropout,
+                       compute="bf16" if dtype == torch.bfloat16 else "fp32",
+                       device="cuda" if device.type == "cuda" else "cpu")
+    return finetune_phase(from_hf_config(arch), setup).total
 
 
 def _child_main() -> None:
@@ -315,9 +390,10 @@ def run_efficiency(params: dict, run_dir: str | Path) -> dict:
               "seq_len": rows[0]["seq_len"], "gpu_price_per_hour": cfg.gpu_price_per_hour,
               "torch_threads": rows[0].get("torch_threads"), "decompose_seconds": decompose_s,
               "decompose_cold": rows[0]["decompose_cold"],
-              "isolated": cfg.isolate, "qlora_fallback": cfg.mode == "train" and adapter != cfg.adapter}
+              "isolated": cfg.isolate, "weights": cfg.weights, "qlora_fallback": cfg.mode == "train" and adapter != cfg.adapter}
     per = ("peak_mem_mb", "train_tokens_per_s", "tokens_per_s", "model_mem_mb", "rss_end_mb", "reserved_mem_mb",
-           "step_seconds", "steps_timed", "e2e_hours", "e2e_minutes", "e2e_cost_usd", "oom")
+           "step_seconds", "steps_timed", "e2e_hours", "e2e_minutes", "e2e_cost_usd", "oom", "predicted_mem_mb",
+           "mem_ratio")
     metrics: dict[str, Any] = dict(common)
     if len(rows) == 1:
         metrics.update({k: rows[0][k] for k in per if k in rows[0]})
