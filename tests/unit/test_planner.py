@@ -185,3 +185,25 @@ def test_the_predicted_peak_matches_a_measured_lora_step_on_this_cpu():
                           "1", "128", "0"], capture_output=True, text=True, check=True, env=env, cwd=root)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.85 <= r["measured"] / r["predicted"] <= 1.15, r
+
+
+def test_synthetic_models_have_the_planners_parameter_counts():
+    from deftlab.models.registry import get_spec
+    from deftlab.planner.memory import kept_linear_fraction
+    from deftlab.surgery.quantize import is_4bit
+    from deftlab.surgery.synthetic import synthetic_model
+
+    arch = load_architecture("smollm2-135m")
+    dense = synthetic_model(get_spec("smollm2-135m").arch)
+    assert sum(p.numel() for p in dense.parameters()) == arch.total_params()
+    f = kept_linear_fraction(arch, 0.55, "model")
+    deft = synthetic_model(get_spec("tiny").arch, keep_linears=0.5, quantize=True)
+    plain = [n for n, m in deft.named_modules() if type(m) is torch.nn.Linear and ".layers." in n]
+    assert not plain and any(is_4bit(m) for m in deft.modules())  # every block linear or factor is NF4
+    deft = synthetic_model(get_spec("smollm2-135m").arch, keep_linears=f)
+    kept = sum(p.numel() for n, p in deft.named_parameters() if ".layers." in n and n.endswith("proj.weight"))
+    # k = ⌊f·mn/(m+n)⌋ per matrix: a little under the budget, never over
+    want = 0.55 * arch.total_params() - (arch.total_params() - arch.linear_params())
+    assert 0.995 * want <= kept <= want
+    out = deft(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()
