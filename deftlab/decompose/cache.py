@@ -6,6 +6,9 @@ format version. Each entry records its file size and a CRC-32 of its tensors (co
 checked on the loaded tensors when read; entries written before carry a sha256 of the file, still honoured); an
 entry that fails either check is reported and recomputed, never used. The index is rewritten at most every
 INDEX_EVERY seconds while writing and always at the end (``flush``), so a killed run loses at most that much work.
+Several processes may fill one cache at once (sharded decomposition, `decompose_all(shard=)`): entry files are
+written under temporary names and renamed, and every index write merges the index on disk with this process's
+entries under an exclusive file lock (index.lock), so no writer drops another's entries.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -36,6 +40,22 @@ def decomposition_key(model_fingerprint: str, stats_key: str | None, targets) ->
 INDEX_EVERY = 2.0  # seconds between index rewrites during a run (each rewrite serialises the whole index)
 
 
+@contextmanager
+def _exclusive(path: Path):
+    """An inter-process exclusive lock on `path` (POSIX flock; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one writer at a time is the user's job there
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class DecompositionCache:
     def __init__(self, key: str, meta: dict | None = None, root: Path | None = None):
         self.dir = (root or cache_dir() / "decompositions") / key
@@ -45,11 +65,25 @@ class DecompositionCache:
         self._index_written = time.monotonic()
         self._dirty = False
         self._lock = threading.Lock()  # decompose_all writes entries from several threads
-        if self.index_path.exists():
-            try:
-                self.index = json.loads(self.index_path.read_text())
-            except json.JSONDecodeError:
-                log.warning("decomposition index %s is corrupt; entries will be recomputed", self.index_path)
+        on_disk = self._read_index()
+        if on_disk is not None:
+            self.index = on_disk
+
+    def _read_index(self) -> dict | None:
+        if not self.index_path.exists():
+            return None
+        try:
+            return json.loads(self.index_path.read_text())
+        except json.JSONDecodeError:
+            log.warning("decomposition index %s is corrupt; entries will be recomputed", self.index_path)
+            return None
+
+    def reload(self) -> None:
+        """Take in the entries other processes have indexed since this cache was opened."""
+        with self._lock:
+            on_disk = self._read_index()
+            if on_disk is not None:
+                self.index["entries"] = {**on_disk.get("entries", {}), **self.index["entries"]}
 
     def _file(self, name: str) -> Path:
         return self.dir / (hashlib.sha256(name.encode()).hexdigest()[:20] + ".safetensors")
@@ -95,12 +129,16 @@ class DecompositionCache:
             self.flush()
 
     def flush(self) -> None:
-        """Write the index if entries were added since it was last written."""
+        """Write the index, merged with the one on disk, if entries were added since it was last written."""
         with self._lock:
             if self._dirty:
-                tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(self.index, indent=1))
-                os.replace(tmp, self.index_path)
+                with _exclusive(self.dir / "index.lock"):
+                    on_disk = self._read_index()
+                    if on_disk is not None:  # another process's entries, kept beside ours
+                        self.index["entries"] = {**on_disk.get("entries", {}), **self.index["entries"]}
+                    tmp = self.index_path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(self.index, indent=1))
+                    os.replace(tmp, self.index_path)
                 self._index_written, self._dirty = time.monotonic(), False
 
     def __contains__(self, name: str) -> bool:

@@ -21,9 +21,17 @@ from deftlab.decompose.whiten import Decomposition, cholesky_factor, whitened_sv
 log = logging.getLogger(__name__)
 
 
+def shard_of_environment() -> tuple[int, int] | None:
+    """(rank, world size) when launched by torchrun (RANK, WORLD_SIZE), else None."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
 def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor] | None,
                   cache: DecompositionCache | None, *, progress: bool = True,
-                  workers: int | None = None) -> dict[str, Decomposition]:
+                  workers: int | None = None, shard: tuple[int, int] | None = None) -> dict[str, Decomposition]:
     """Decomposition of every weight (whitened with its Gram when `grams` is given), from the cache when valid.
 
     Matrices that read the same Gram (q/k/v, gate/up) form one task sharing one Cholesky factor. On CPU the tasks
@@ -32,10 +40,23 @@ def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tenso
     bidiagonalisation is memory-bound) while two single-threaded SVDs side by side give ~1.65×, and each task's
     cache write overlaps the other's arithmetic (benchmarks/README.md). On a GPU the tasks run one at a time.
     If a task fails, the tasks not yet started are cancelled, the running ones finish, and everything written
-    so far is indexed, so a rerun recomputes only what is missing."""
+    so far is indexed, so a rerun recomputes only what is missing.
+
+    shard=(i, n): this process computes only the i-th of n interleaved parts of the tasks (whole Gram-sharing
+    groups, in the weights' order) and returns those; n processes with one cache fill it together (its index
+    merges under a file lock), and a later call without a shard finds every entry there."""
     out: dict[str, Decomposition] = {}
     groups: dict[int, list[str]] = {}  # one task per shared Gram (each matrix alone for plain SVD)
-    for name in weights:
+    mine = list(weights)  # the matrices this call decomposes
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i} of {n}")
+        order: dict[int, int] = {}  # task (shared Gram) -> its position, so a group never splits across shards
+        for name in weights:
+            order.setdefault(id(weights[name]) if grams is None else id(grams[name]), len(order))
+        mine = [nm for nm in mine if order[id(weights[nm]) if grams is None else id(grams[nm])] % n == i]
+    for name in mine:
         dec = cache.get(name) if cache is not None else None
         if dec is not None:
             out[name] = dec
@@ -60,7 +81,7 @@ def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tenso
     if workers is None:
         workers = 2 if on_cpu and threads >= 2 else 1
     workers = max(1, min(workers, len(groups)))
-    bar = tqdm(total=len(weights), initial=len(out), desc="decompose", disable=not progress, unit="mat")
+    bar = tqdm(total=len(mine), initial=len(out), desc="decompose", disable=not progress, unit="mat")
     try:
         if workers == 1:  # in this thread: a worker thread's OpenMP team runs LAPACK ~1.7x slower here
             for names in groups.values():
@@ -85,4 +106,4 @@ def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tenso
         bar.close()
         if cache is not None:
             cache.flush()  # also after a failure: the entries written so far stay usable
-    return {name: out[name] for name in weights}
+    return {name: out[name] for name in mine}

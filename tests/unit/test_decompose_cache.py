@@ -138,3 +138,60 @@ def test_entry_without_checksum_is_recomputed(tmp_path, caplog):
     whiten.svd_counter.reset()
     decompose_all(weights, grams, DecompositionCache("k4", root=tmp_path), progress=False)
     assert whiten.svd_counter.count == 1 and "no checksum recorded" in caplog.text
+
+
+_SHARD_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from deftlab.decompose.cache import DecompositionCache
+from deftlab.decompose.driver import decompose_all
+from deftlab.models.tiny import tiny_llama
+from deftlab.decompose.targets import target_linears
+weights = {n: m.weight.detach() for n, m in target_linears(tiny_llama(num_hidden_layers=4)).items()}
+i, n = int(sys.argv[2]), int(sys.argv[3])
+decompose_all(weights, None, DecompositionCache("k", root=Path(sys.argv[1])), shard=(i, n), workers=1,
+              progress=False)
+"""
+
+
+def test_two_processes_fill_one_cache_with_one_processs_entries(tmp_path):
+    """Sharded decomposition: 2 processes at once, one cache (its index merged under a file lock), give the same
+    entries, bit for bit, as one process; a later unsharded call computes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from deftlab.decompose.targets import target_linears
+    from deftlab.models.tiny import tiny_llama
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARD_SCRIPT, str(tmp_path / "two"), str(i), "2"], env=env)
+             for i in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    # the reference: one process, same thread count (LAPACK's results depend on it)
+    subprocess.run([sys.executable, "-c", _SHARD_SCRIPT, str(tmp_path / "one"), "0", "1"], env=env, check=True)
+    weights = {n: m.weight.detach() for n, m in target_linears(tiny_llama(num_hidden_layers=4)).items()}
+    one, two = DecompositionCache("k", root=tmp_path / "one"), DecompositionCache("k", root=tmp_path / "two")
+    assert set(two.index["entries"]) == set(one.index["entries"]) == set(weights)
+    for name in weights:
+        dec, got = one.get(name), two.get(name)
+        assert torch.equal(got.sigma, dec.sigma) and torch.equal(got.U, dec.U), name
+    calls = []
+    real = whiten.whitened_svd
+    try:
+        whiten.whitened_svd = lambda *a, **k: calls.append(1) or real(*a, **k)
+        decompose_all(weights, None, two, progress=False)
+    finally:
+        whiten.whitened_svd = real
+    assert not calls
+
+
+def test_shards_split_whole_gram_groups():
+    torch.manual_seed(0)
+    g1, g2, g3 = (torch.eye(8, dtype=torch.float64) * (i + 1) for i in range(3))
+    weights = {n: torch.randn(8, 8) for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    grams = {"q": g1, "k": g1, "v": g1, "o": g2, "gate": g3, "up": g3, "down": g2.clone()}
+    parts = [set(decompose_all(weights, grams, None, shard=(i, 2), workers=1, progress=False)) for i in (0, 1)]
+    assert parts[0] | parts[1] == set(weights) and not parts[0] & parts[1]
+    assert {"q", "k", "v"} <= parts[0] or {"q", "k", "v"} <= parts[1]  # one Cholesky factor, one process
+    assert {"gate", "up"} <= parts[0] or {"gate", "up"} <= parts[1]
