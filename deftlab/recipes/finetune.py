@@ -484,7 +484,9 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
             train_stats = fit(model, tok, task, profile, run_dir, loggers="auto", wandb_mode=wandb_mode,
                               progress=progress, accelerator="gpu" if on_gpu else "cpu", optimizer=cfg.optimizer)
         model.to(cfg.model.device)  # Lightning hands the model back on the CPU
-        peak, peak_kind = ((train_stats["peak_memory_bytes"], train_stats["peak_memory_kind"]) if on_gpu
+        # several processes (ddp_spawn): rank 0's own peak came back with its statistics; this process idled
+        spawned = train_stats.get("world_size", 1) > 1
+        peak, peak_kind = ((train_stats["peak_memory_bytes"], train_stats["peak_memory_kind"]) if on_gpu or spawned
                            else (rss.peak, "process_rss_during_training"))
         peak = _remember_peak(run_dir, peak, peak_kind)  # a resumed run keeps the earlier attempts' peak
         metrics.update(
