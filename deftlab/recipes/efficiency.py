@@ -45,6 +45,7 @@ from deftlab.models import ModelConfig
 from deftlab.recipes.finetune import FinetuneConfig, build_model
 from deftlab.train.memory import RssSampler, anon_rss, current_rss, materialize_weights, release_free_memory
 from deftlab.train.module import masked_lm_loss
+from deftlab.train.trainer import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class EfficiencyConfig:
     # synthetic: random weights at the model config's `arch` shapes, built block by block straight into NF4
     # (deftlab.surgery.synthetic), DeFT at uniform ranks: memory and speed at paper scale with no checkpoint
     weights: Literal["checkpoint", "synthetic"] = "checkpoint"
+    # the optimizer of the timed steps (bitsandbytes' paged_adamw is QLoRA's recipe); gradient checkpointing comes
+    # from the training profile (the paper profile turns it on)
+    optimizer: Literal["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -172,10 +176,12 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     try:
         with RssSampler(probe=anon_rss) as sampler:
             if cfg.mode == "train":
+                profile = fcfg.train_profile()
+                if profile.gradient_checkpointing:
+                    enable_gradient_checkpointing(model)
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
-                lr = fcfg.train_profile().lr
-                opt = torch.optim.AdamW(params, lr=lr)
+                opt = _optimizer(cfg.optimizer, params, profile.lr)
                 for step in range(cfg.warmup_steps + cfg.steps):
                     _sync(device)
                     t0 = time.perf_counter()
@@ -222,6 +228,20 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
         if predicted is not None:
             out.update(predicted_mem_mb=predicted / 2**20, mem_ratio=out["peak_mem_mb"] * 2**20 / predicted)
     return out
+
+
+def _optimizer(name: str, params, lr: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    import warnings
+
+    import bitsandbytes as bnb
+
+    from deftlab.train.module import BNB_OPTIMIZERS
+
+    with warnings.catch_warnings():  # paged states on CPU fall back to unpaged (bitsandbytes says so per tensor)
+        warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
+        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=lr)
 
 
 def _arch(cfg: EfficiencyConfig) -> dict | None:
@@ -285,7 +305,8 @@ def _planned_peak(cfg: EfficiencyConfig, fcfg: FinetuneConfig, model, batch_size
     setup = TrainSetup(fcfg.adapter, batch_size, seq, keep=_kept_fraction(cfg), keep_of="linears",
                        lora_r=acfg.r, lora_targets=tuple(acfg.target_modules), lora_dropout=acfg.dropout,
                        compute="bf16" if dtype == torch.bfloat16 else "fp32",
-                       device="cuda" if device.type == "cuda" else "cpu")
+                       device="cuda" if device.type == "cuda" else "cpu", optimizer=cfg.optimizer,
+                       grad_ckpt=fcfg.train_profile().gradient_checkpointing)
     return finetune_phase(from_hf_config(arch), setup).total
 
 
