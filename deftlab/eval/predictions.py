@@ -39,3 +39,27 @@ def answer_losses(eval_dir: str | Path, metric: str = "answer_nll") -> dict[tupl
                     continue
                 out[(set_name, int(row["index"]))] = (float(nll) * int(tokens), int(tokens))
     return out
+
+
+def text_losses(eval_dir: str | Path, dataset: str = "heldout") -> dict[tuple[str, int], tuple[float, int]]:
+    """{(set, index): (summed NLL, tokens)} of each document behind a text task's perplexity (ppl_<set>);
+    an empty dict when the run kept no prediction file."""
+    path = Path(eval_dir) / f"{dataset}{SUFFIX}"
+    out: dict[tuple[str, int], tuple[float, int]] = {}
+    if not path.is_file():
+        return out
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            if isinstance(row.get("nll"), (int, float)) and row.get("tokens"):
+                out[(dataset, int(row["index"]))] = (float(row["nll"]), int(row["tokens"]))
+    return out
+
+
+def item_losses(eval_dir: str | Path, metric: str) -> dict[tuple[str, int], tuple[float, int]]:
+    """Per-item (summed NLL, tokens) behind `metric`: answer_nll[...] (answer_losses) or ppl_heldout (text_losses,
+    whose log-perplexity is the token-weighted mean NLL)."""
+    name = metric.lower()
+    if name.startswith("ppl_"):
+        return text_losses(eval_dir, name[len("ppl_"):])
+    return answer_losses(eval_dir, metric)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deftlab.experiments.registry import ColumnSpec, Experiment, paper_figures_dir
-from deftlab.eval.predictions import answer_losses
+from deftlab.eval.predictions import item_losses
 from deftlab.scoring.intervals import accuracy_interval, difference_interval, paired_ratio_difference
 from deftlab.experiments.runner import RunSpec, records_for
 from deftlab.manifest import write_json_atomic
@@ -26,6 +26,9 @@ MISSING = "missing"
 NO_METRIC = "—"
 NOT_PLANNED = "n/a"
 DIFFERS = "*"  # the difference from the compared row excludes 0 at 95%
+# columns whose runs keep per-item losses, compared item by item: answer NLL, and a text task's held-out perplexity
+# (its difference is in log-perplexity, nats per token)
+PAIRED = ("answer_nll", "ppl_heldout")
 LEGEND = (f"Cells: '{MISSING}' = a planned run that is not recorded; '{NO_METRIC}' = recorded, but the run did not "
           f"report this metric; '{NOT_PLANNED}' = no run of this preset's grid belongs here")
 # resolved-config entries (dotted paths) that say what a run used; summarised in the header notes
@@ -298,9 +301,9 @@ def _compared_row(t, row_keys: list[tuple]) -> int | None:
 
 
 def _paired_loss_interval(a_dir: Path, b_dir: Path, metric: str) -> tuple[float, float] | None:
-    """95% interval of run a's minus run b's answer NLL, paired over the problems both scored (None unless both
-    scored the same problems with the same token counts)."""
-    a, b = answer_losses(a_dir, metric), answer_losses(b_dir, metric)
+    """95% interval of run a's minus run b's answer NLL (or log-perplexity, for ppl_heldout), paired over the items
+    both scored (None unless both scored the same items with the same token counts)."""
+    a, b = item_losses(a_dir, metric), item_losses(b_dir, metric)
     if not a or a.keys() != b.keys() or any(a[k][1] != b[k][1] for k in a):
         return None
     keys = sorted(a)
@@ -322,7 +325,7 @@ def _compare_cells(t, row_keys: list[tuple], cells: list[list[Cell]]) -> tuple[s
         for cell, base in zip(row, cells[base_i]):
             col = cell.column
             names = col.metric.lower().split("|")
-            if cell.eval_dir and base.eval_dir and names[0].startswith("answer_nll"):
+            if cell.eval_dir and base.eval_dir and names[0].startswith(PAIRED):
                 iv = _paired_loss_interval(cell.eval_dir, base.eval_dir, names[0])
                 if iv is not None:
                     cell.diff_ci = (iv[0] * col.scale, iv[1] * col.scale)
@@ -397,7 +400,7 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
             elif len(recs) == 1 and c.pct and c.relative_to is None:
                 cell.ci = _accuracy_ci(c, recs[0]["metrics"])
                 cell.metrics = {k.lower(): v for k, v in recs[0]["metrics"].items()}
-            elif len(recs) == 1 and c.relative_to is None and c.metric.lower().startswith("answer_nll"):
+            elif len(recs) == 1 and c.relative_to is None and c.metric.lower().startswith(PAIRED):
                 cell.eval_dir = store.run_dir(recs[0]["kind"], recs[0]["key"]) / "eval"
             if (rk, pv, c.ref_key) in refs:
                 cell.paper, cell.paper_source = refs[(rk, pv, c.ref_key)]
@@ -420,11 +423,12 @@ def build_table(exp: Experiment, preset: str | None, store: ResultsStore) -> Tab
                          "excludes 0 (Newcombe's hybrid score interval on the two runs' counts, taken as "
                          f"independent; Avg.: pooled counts): {sum(c.ci is not None for c in marked)} cell(s) marked")
         if n_loss:
-            notes.append(f"{DIFFERS} on an answer NLL: its difference from the row '{label}' has a 95% interval that "
+            notes.append(f"{DIFFERS} on an answer NLL or held-out perplexity: its difference from the row '{label}' has a 95% interval that "
                          "excludes 0 (paired over the same problems: the token-weighted mean of per-problem "
                          "differences, ratio-estimator variance over problems; deftlab.scoring.intervals."
                          f"paired_ratio_difference): {sum(c.ci is None for c in marked)} cell(s) marked; "
-                         "the intervals are the CSV's diff_low/diff_high")
+                         "the intervals are the CSV's diff_low/diff_high (for a held-out perplexity: of its log, "
+                         "nats per token, paired over documents)")
     covered = {(rk, pv) for rk in row_keys for pv in pivots}
     if ref and ref.entries:
         outside = {(tuple(_norm(e.row.get(r)) for r in t.rows), _norm(e.row.get(t.pivot)) if t.pivot else None)

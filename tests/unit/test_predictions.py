@@ -27,3 +27,17 @@ def test_answer_losses_recover_summed_nll_per_item_and_filter_by_set_and_overlap
     assert answer_losses(tmp_path / "absent") == {}
     with pytest.raises(ValueError):
         answer_losses(tmp_path, "acc_svamp")
+
+
+def test_text_losses_pair_documents_for_a_held_out_perplexity(tmp_path):
+    import math
+
+    from deftlab.eval.predictions import item_losses, text_losses
+
+    _write(tmp_path / "heldout.predictions.jsonl", [{"index": 0, "nll": 20.0, "tokens": 10},
+                                                     {"index": 1, "nll": 6.0, "tokens": 2}])
+    got = text_losses(tmp_path)
+    assert got == {("heldout", 0): (20.0, 10), ("heldout", 1): (6.0, 2)} == item_losses(tmp_path, "ppl_heldout")
+    # the perplexity is exp of the token-weighted mean NLL
+    assert math.exp(sum(v for v, _ in got.values()) / sum(t for _, t in got.values())) == pytest.approx(math.exp(26 / 12))
+    assert text_losses(tmp_path, "other") == {}
