@@ -78,13 +78,6 @@ class DecompositionCache:
             log.warning("decomposition index %s is corrupt; entries will be recomputed", self.index_path)
             return None
 
-    def reload(self) -> None:
-        """Take in the entries other processes have indexed since this cache was opened."""
-        with self._lock:
-            on_disk = self._read_index()
-            if on_disk is not None:
-                self.index["entries"] = {**on_disk.get("entries", {}), **self.index["entries"]}
-
     def _file(self, name: str) -> Path:
         return self.dir / (hashlib.sha256(name.encode()).hexdigest()[:20] + ".safetensors")
 

@@ -21,14 +21,6 @@ from deftlab.decompose.whiten import Decomposition, cholesky_factor, whitened_sv
 log = logging.getLogger(__name__)
 
 
-def shard_of_environment() -> tuple[int, int] | None:
-    """(rank, world size) when launched by torchrun (RANK, WORLD_SIZE), else None."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
-
-
 def decompose_all(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor] | None,
                   cache: DecompositionCache | None, *, progress: bool = True,
                   workers: int | None = None, shard: tuple[int, int] | None = None) -> dict[str, Decomposition]:

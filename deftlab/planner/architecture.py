@@ -137,15 +137,15 @@ def from_hf_config(config: Mapping[str, Any], where: str = "config") -> Architec
                         qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")
 
 
-def load_architecture(model: str) -> Architecture:
-    """A model config name with an `arch` block (configs/models), a directory holding config.json, or the path of
-    a config.json."""
+def arch_fields(model: str) -> tuple[dict[str, Any], str]:
+    """(HF config.json fields, where they came from) of a model config name with an `arch` block
+    (configs/models), a directory holding config.json, or the path of a config.json."""
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
         try:
-            return from_hf_config(json.loads(path.read_text()), str(path))
+            return json.loads(path.read_text()), str(path)
         except json.JSONDecodeError as e:
             raise DeftlabError(f"{path} is not valid JSON ({e})", "pass the model's HF config.json") from None
     from deftlab.models.registry import get_spec
@@ -154,4 +154,9 @@ def load_architecture(model: str) -> Architecture:
     if not spec.arch:
         raise DeftlabError(f"model config '{spec.name}' has no arch block",
                            f"add the HF config fields to configs/models/{spec.name}.yaml, or pass a config.json")
-    return from_hf_config(spec.arch, f"configs/models/{spec.name}.yaml")
+    return dict(spec.arch), f"configs/models/{spec.name}.yaml"
+
+
+def load_architecture(model: str) -> Architecture:
+    """The shapes of `model` (as `arch_fields` finds them)."""
+    return from_hf_config(*arch_fields(model))

@@ -44,7 +44,8 @@ from deftlab.manifest import write_json_atomic
 from deftlab.models import ModelConfig
 from deftlab.recipes.finetune import FinetuneConfig, build_model
 from deftlab.train.memory import RssSampler, anon_rss, current_rss, materialize_weights, release_free_memory
-from deftlab.train.module import masked_lm_loss
+from deftlab.planner.architecture import load_architecture
+from deftlab.train.module import make_optimizer, masked_lm_loss
 from deftlab.train.trainer import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     fcfg = cfg.finetune_config(adapter)
     release_free_memory()
     rss_base = anon_rss()
+    kept = _kept_fraction(cfg)
     if cfg.weights == "synthetic":
-        model, counts = _synthetic(cfg, fcfg)
+        model, counts = _synthetic(cfg, fcfg, kept)
         decomposed, decompose_s = False, 0.0
     else:
         with tempfile.TemporaryDirectory(prefix="deftlab-cold-") if cold else contextlib.nullcontext() as empty:
@@ -181,7 +183,7 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
                     enable_gradient_checkpointing(model)
                 model.train()
                 params = [p for p in model.parameters() if p.requires_grad]
-                opt = _optimizer(cfg.optimizer, params, profile.lr)
+                opt = make_optimizer(cfg.optimizer, params, lr=profile.lr)
                 for step in range(cfg.warmup_steps + cfg.steps):
                     _sync(device)
                     t0 = time.perf_counter()
@@ -224,90 +226,68 @@ def measure_once(cfg: EfficiencyConfig, batch_size: int, adapter: str, cold: boo
     out.update(steps_timed=timed, step_seconds=seconds / timed if timed else None, tokens_per_s=rate)
     if cfg.mode == "train":
         out["train_tokens_per_s"] = rate
-        predicted = _planned_peak(cfg, fcfg, model, batch_size, seq)
+        predicted = _planned_peak(cfg, fcfg, kept, model, batch_size, seq)
         if predicted is not None:
             out.update(predicted_mem_mb=predicted / 2**20, mem_ratio=out["peak_mem_mb"] * 2**20 / predicted)
     return out
 
 
-def _optimizer(name: str, params, lr: float):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    import warnings
-
-    import bitsandbytes as bnb
-
-    from deftlab.train.module import BNB_OPTIMIZERS
-
-    with warnings.catch_warnings():  # paged states on CPU fall back to unpaged (bitsandbytes says so per tensor)
-        warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
-        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=lr)
-
-
-def _arch(cfg: EfficiencyConfig) -> dict | None:
-    from deftlab.models.registry import get_spec
-
+def _architecture(cfg: EfficiencyConfig):
+    """The planner's shapes of the measured model; None where none are known (a hub id without a config)."""
     try:
-        return get_spec(cfg.model.model).arch
+        return load_architecture(cfg.model.model)
     except DeftlabError:
-        return None  # a local model directory: its config.json (below)
+        return None
 
 
 def _kept_fraction(cfg: EfficiencyConfig) -> float | None:
-    """The decoder linears' kept fraction of a DeFT-style budget (None: dense, or an ERR budget)."""
-    from deftlab.planner.architecture import from_hf_config
+    """The decoder linears' kept fraction of a DeFT-style budget (None: dense, an ERR budget, unknown shapes)."""
     from deftlab.planner.memory import kept_linear_fraction
 
-    d = cfg.decomposition
-    if cfg.method == "dense" or d is None or d.keep is None:
+    d, arch = cfg.decomposition, _architecture(cfg)
+    if cfg.method == "dense" or d is None or d.keep is None or arch is None:
         return None
-    arch = _arch(cfg)
-    return kept_linear_fraction(from_hf_config(arch), d.keep, d.keep_of) if arch else None
+    return kept_linear_fraction(arch, d.keep, d.keep_of)
 
 
-def _synthetic(cfg: EfficiencyConfig, fcfg: FinetuneConfig):
+def _synthetic(cfg: EfficiencyConfig, fcfg: FinetuneConfig, kept: float | None):
     """The synthetic model of `cfg` with its adapter attached (init vanilla: there is no spectrum)."""
     import dataclasses
 
     from deftlab.adapters.attach import attach
+    from deftlab.planner.architecture import arch_fields
     from deftlab.surgery.params import count_params
     from deftlab.surgery.synthetic import synthetic_model
 
-    arch = _arch(cfg)
-    if not arch:
-        raise ConfigError(f"weights: synthetic needs the shapes of model '{cfg.model.model}'",
-                          "use a model config with an arch block (configs/models)")
+    if cfg.method != "dense" and kept is None:
+        raise ConfigError("weights: synthetic builds DeFT-style budgets (keep), not ERR", "give keep")
     device = torch.device(cfg.model.resolve().device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if cfg.method != "dense" and _kept_fraction(cfg) is None:
-        raise ConfigError("weights: synthetic builds DeFT-style budgets (keep), not ERR", "give keep")
-    model = synthetic_model(arch, keep_linears=_kept_fraction(cfg), device=device, dtype=dtype,
+    model = synthetic_model(arch_fields(cfg.model.model)[0], keep_linears=kept, device=device, dtype=dtype,
                             quantize=fcfg.adapter == "qlora", seed=cfg.seed)
     acfg = fcfg.adapter_config()
     model = attach(model, dataclasses.replace(acfg, init="vanilla") if acfg.uses_lora else acfg)
     return model, count_params(model)
 
 
-def _planned_peak(cfg: EfficiencyConfig, fcfg: FinetuneConfig, model, batch_size: int, seq: int) -> float | None:
+def _planned_peak(cfg: EfficiencyConfig, fcfg: FinetuneConfig, kept: float | None, model, batch_size: int,
+                  seq: int) -> float | None:
     """`deftlab plan`'s fine-tuning peak for this measurement's setup (None where the planner has no model of
     it: other adapters, ERR budgets, unknown shapes)."""
-    from deftlab.planner.architecture import from_hf_config
     from deftlab.planner.memory import TrainSetup, finetune_phase
 
-    arch = _arch(cfg)
-    if arch is None or fcfg.adapter not in ("qlora", "lora", "full"):
-        return None
-    if cfg.method != "dense" and _kept_fraction(cfg) is None:
+    arch = _architecture(cfg)
+    if arch is None or fcfg.adapter not in ("qlora", "lora", "full") or (cfg.method != "dense" and kept is None):
         return None
     acfg = fcfg.adapter_config()
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    setup = TrainSetup(fcfg.adapter, batch_size, seq, keep=_kept_fraction(cfg), keep_of="linears",
+    setup = TrainSetup(fcfg.adapter, batch_size, seq, keep=kept, keep_of="linears",
                        lora_r=acfg.r, lora_targets=tuple(acfg.target_modules), lora_dropout=acfg.dropout,
                        compute="bf16" if dtype == torch.bfloat16 else "fp32",
                        device="cuda" if device.type == "cuda" else "cpu", optimizer=cfg.optimizer,
                        grad_ckpt=fcfg.train_profile().gradient_checkpointing)
-    return finetune_phase(from_hf_config(arch), setup).total
+    return finetune_phase(arch, setup).total
 
 
 def _child_main() -> None:

@@ -62,6 +62,18 @@ BNB_OPTIMIZERS = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged
 OPTIMIZERS = ("adamw", "galore", *BNB_OPTIMIZERS)
 
 
+def make_optimizer(name: str, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (torch) or one of bitsandbytes' BNB_OPTIMIZERS over `params` (GaLore groups its own: `_galore`)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name not in BNB_OPTIMIZERS:
+        raise DeftlabError(f"unknown optimizer '{name}'", f"use one of {', '.join(OPTIMIZERS)}")
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
 class DeftLightningModule(pl.LightningModule):
     """Causal-LM loss on the masked labels; AdamW (or GaLore's AdamW) over the requires_grad parameters only."""
 
@@ -93,14 +105,9 @@ class DeftLightningModule(pl.LightningModule):
                                "attach an adapter (deftlab.adapters.attach) or unfreeze some weights")
         if self.optimizer_name == "galore":
             opt = self._galore(params)
-        elif self.optimizer_name in BNB_OPTIMIZERS:
-            import bitsandbytes as bnb
-
-            opt = getattr(bnb.optim, BNB_OPTIMIZERS[self.optimizer_name])(
-                params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                    weight_decay=self.weight_decay)
+            opt = make_optimizer(self.optimizer_name, params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
             s, warmup_steps=self.warmup_steps, total_steps=total, schedule=self.schedule,
