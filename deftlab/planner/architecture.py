@@ -143,6 +143,8 @@ def arch_fields(model: str) -> tuple[dict[str, Any], str]:
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
+        if not path.is_file():
+            raise DeftlabError(f"{path.parent} holds no config.json", "pass a model directory with its HF config.json")
     if path.is_file():
         try:
             return json.loads(path.read_text()), str(path)

@@ -34,6 +34,9 @@ def test_a_config_json_directory_loads_and_bad_input_names_the_fix(tmp_path):
         from_hf_config({**cfg, "model_type": "bert"})
     with pytest.raises(DeftlabError, match="no 'hidden_size'"):
         from_hf_config({"model_type": "llama"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeftlabError, match="holds no config.json"):
+        load_architecture(str(tmp_path / "empty"))
 
 
 def test_hand_computed_storage_and_counts():
