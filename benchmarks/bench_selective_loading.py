@@ -1,4 +1,6 @@
-"""Peak memory: build the decomposed model selectively from factors vs "load dense, then replace".
+"""Peak memory: build the decomposed model selectively from factors vs "load dense, then replace", in the
+checkpoint's precision and in NF4 (QLoRA's storage: each linear quantised as soon as it is loaded vs quantised
+after the dense load and the replacement).
 
 A synthetic LLaMA (hidden 1024, 8 layers, 32k vocab, untied, bf16 checkpoint loaded as fp32) is saved once with
 rank-40%-of-break-even factors; each mode then runs in a fresh subprocess and reports its peak RSS increase.
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from deftlab.decompose.whiten import Decomposition
-from deftlab.surgery import count_params, load_decomposed
+from deftlab.surgery import count_params, load_decomposed, quantize_for_qlora
+from deftlab.surgery.quantize import nf4_finalizer
 
 def rss_mb():
     return int([l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0].split()[1]) / 1024
@@ -44,11 +47,19 @@ class LazyDecs(dict):
 d, mode = Path(sys.argv[1]), sys.argv[2]
 ranks = json.loads((d / "alloc.json").read_text())
 alloc = Alloc(ranks, {n: True for n in ranks}, {n: False for n in ranks})
+from deftlab.train.memory import RssSampler, anon_rss
 base = rss_mb()
-model, _ = load_decomposed(d / "ckpt_bf16", alloc, LazyDecs(d / "decs", ranks), selective=mode == "selective",
-                           dtype=torch.float32)
+anon_base = anon_rss()
+nf4 = mode.endswith("nf4")
+sampler = RssSampler(probe=anon_rss).__enter__()
+model, _ = load_decomposed(d / "ckpt_bf16", alloc, LazyDecs(d / "decs", ranks), selective=mode.startswith("selective"),
+                           dtype=torch.float32, finalize=nf4_finalizer() if nf4 and mode.startswith("selective") else None)
+if nf4 and mode.startswith("dense"):
+    quantize_for_qlora(model)
+sampler.__exit__(None, None, None)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"mode": mode, "peak_increase_mb": round(peak - base), "params": count_params(model)["total"]}))
+print(json.dumps({"mode": mode, "peak_increase_mb": round(peak - base), "params": count_params(model)["total"],
+                  "anon_peak_increase_mb": round((sampler.peak - anon_base) / 2**20)}))
 """
 
 
@@ -84,16 +95,19 @@ def main() -> None:
         d = Path(tmp)
         setup(d, args.hidden, args.layers)
         res = {}
-        for mode in ("selective", "dense"):
+        for mode in ("selective", "dense", "selective-nf4", "dense-nf4"):
             out = subprocess.run([sys.executable, "-c", CHILD, str(d), mode], capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1]
             res[mode] = json.loads(out)
-    sel, dense = res["selective"]["peak_increase_mb"], res["dense"]["peak_increase_mb"]
     print(f"synthetic LLaMA hidden {args.hidden}, {args.layers} layers, bf16 checkpoint loaded as fp32; "
           f"{res['selective']['params']:,} params after decomposition")
-    print(f"selective (factors only)   peak +{sel} MB")
-    print(f"load dense, then replace   peak +{dense} MB")
-    print(f"ratio selective/dense {sel / dense:.2f}")
+    # anonymous memory is what the process needs; the whole RSS also counts the checkpoint's memory-mapped
+    # pages while a file is open (page cache, reclaimable)
+    for suffix, what in (("", "fp32"), ("-nf4", "NF4")):
+        for key, kind in (("anon_peak_increase_mb", "anonymous"), ("peak_increase_mb", "whole RSS")):
+            sel, dense = res["selective" + suffix][key], res["dense" + suffix][key]
+            print(f"{what}, {kind} peak: selective +{sel} MB; load dense, then replace +{dense} MB; "
+                  f"ratio {sel / dense:.2f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def add_common_model_args(p: argparse.ArgumentParser) -> None:
                    help="real-data directory (default: $DEFTLAB_DATA_DIR)")
 
 
+def add_blockwise_flag(p) -> None:
+    p.add_argument("--blockwise", dest="blockwise", action="store_const", const=True, default=None,
+                   help="calibrate, decompose and build one decoder block at a time from the checkpoint, never "
+                        "loading the dense model (bounded memory; same ranks and model)")
+
+
 def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=None, help="results store root (default: $DEFTLAB_RESULTS, else ./results)")
     p.add_argument("--force", action="store_true", help="run again even if recorded (the old record is kept aside)")

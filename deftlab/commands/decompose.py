@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 
-from deftlab.commands._args import add_common_model_args, add_store_args, csv_list, param_flag, params_of, record_run
-from deftlab.config import flat_fields
-from deftlab.recipes.compress import CompressConfig
+from deftlab.commands._args import (
+    add_blockwise_flag, add_common_model_args, add_store_args, csv_list, param_flag, params_of, record_run,
+)
+from deftlab.config import ConfigError, flat_fields
+from deftlab.recipes.compress import CompressConfig, decompose_shard, launch_shard
 from deftlab.store import ResultsStore
 
 CC = CompressConfig
@@ -44,14 +46,41 @@ def add_parser(sub, name):
     param_flag(p, CC, "eta", type=float, help="importance weight η (DeFT; 0 ignores α)")
     param_flag(p, CC, "group", type=int, help="rank cut size G (DeFT)")
     param_flag(p, CC, "svd", choices=["whitened", "plain"])
+    add_blockwise_flag(p)
+    p.add_argument("--shard", default=None, metavar="I/N|auto",
+                   help="only fill part I of N of the decomposition cache and stop (N processes or machines share "
+                        "one cache; then run without --shard); auto: this process's part of a torchrun launch")
     param_flag(p, CC, "ppl", type=csv_list, help="comma list of corpora; 'calib' = the calibration task's text")
     add_ppl_flags(p)
     add_store_args(p)
     return p
 
 
+def parse_shard(value: str) -> tuple[int, int]:
+    """'I/N' (0 ≤ I < N), or 'auto': the (rank, world size) of a torchrun launch."""
+    if value == "auto":
+        shard = launch_shard()
+        if shard is None:
+            raise ConfigError("--shard auto outside a torchrun launch of several processes",
+                              "run under torchrun --nproc_per_node N, or pass --shard I/N")
+        return shard
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {value!r} is not I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
+    return i, n
+
+
 def run(args) -> int:
     params = params_of(args, PARAMS)
+    if args.shard is not None:
+        shard = parse_shard(args.shard)
+        where, names = decompose_shard(CompressConfig.from_params(params).resolve(), shard)
+        print(f"shard {shard[0]}/{shard[1]}: {len(names)} matrices decomposed into {where}; when every shard has "
+              "finished, run the same command without --shard to allocate, evaluate and record")
+        return 0
     if "ppl" in params:
         calib = params.get("calib", CompressConfig().decomposition.calib)
         params["ppl"] = list(dict.fromkeys(calib if c == "calib" else c for c in params["ppl"]))

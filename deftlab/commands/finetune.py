@@ -6,7 +6,9 @@ it reuse it. Re-running the same command reuses the record; an interrupted run r
 
 from __future__ import annotations
 
-from deftlab.commands._args import add_common_model_args, add_store_args, csv_list, param_flag, params_of, record_run
+from deftlab.commands._args import (
+    add_blockwise_flag, add_common_model_args, add_store_args, csv_list, param_flag, params_of, record_run,
+)
 from deftlab.config import flat_fields
 from deftlab.recipes.finetune import FinetuneConfig
 
@@ -44,13 +46,15 @@ def add_parser(sub, name):
     param_flag(d, FT, "calib", show_default=False, help="calibration data (default: the task's training text)")
     param_flag(d, FT, "calib_n", type=int, help="calibration examples")
     param_flag(d, FT, "calib_seed", type=int)
+    add_blockwise_flag(d)
     t = p.add_argument_group("training (unset: the profile's value)")
     for name, typ in (("lr", float), ("lora_r", int), ("lora_alpha", float), ("seed", int), ("epochs", int),
                       ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int),
                       ("cutoff_len", int), ("devices", int), ("num_nodes", int)):
         param_flag(t, FT, name, type=typ, show_default=False)
-    param_flag(t, FT, "strategy", choices=["auto", "ddp_spawn", "ddp_fork"], show_default=False,
-               help="data-parallel strategy for --devices > 1 (auto: ddp_spawn; records stay in this process)")
+    param_flag(t, FT, "strategy", choices=["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed"],
+               show_default=False, help="multi-process strategy (auto: ddp under torchrun, else ddp_spawn for "
+               "--devices > 1; fsdp: full fine-tuning; README 'more than one GPU')")
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
                    default=None, help="recompute each layer in backward (less memory; `deftlab plan` shows how much)")
     param_flag(t, FT, "optimizer", choices=["adamw", "galore", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"],

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from deftlab.checksums import digest, file_sha256
 from deftlab.decompose.whiten import Decomposition
+from deftlab.errors import CacheCorruptError, DeftlabError
 from deftlab.settings import cache_dir
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,25 @@ class DecompositionCache:
         log.warning("decomposition cache entry %s for %s: %s; recomputing", f.name, name, why)
         return None
 
+    def sigma(self, name: str):
+        """The stored σ of `name` alone (a few KB read, not the factors), or None when there is no usable entry;
+        the full entry's CRC is checked when its factors are read (`get`)."""
+        from safetensors import safe_open
+
+        rec = self.index["entries"].get(name)
+        f = self._file(name)
+        if rec is None or not f.is_file() or f.stat().st_size != rec["size"]:
+            return None
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return h.get_tensor("sigma")
+        except Exception:  # unreadable header: `get` reports and recomputes it
+            return None
+
+    def lazy(self, names) -> "CachedDecompositions":
+        """A read-on-access Mapping of `names` to their cached decompositions (one in memory at a time)."""
+        return CachedDecompositions(self, names)
+
     def put(self, name: str, dec: Decomposition) -> None:
         f = self._file(name)
         tmp = f.with_suffix(f".tmp{os.getpid()}")
@@ -136,3 +157,45 @@ class DecompositionCache:
 
     def __contains__(self, name: str) -> bool:
         return name in self.index["entries"]
+
+    def wait_for(self, names, *, timeout: float = 86400.0, poll: float = 1.0) -> None:
+        """Block until every one of `names` is indexed, re-reading the index other processes write (the shards of
+        one launch); a clear error after `timeout` seconds."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            on_disk = self._read_index() or {}
+            with self._lock:
+                self.index["entries"] = {**on_disk.get("entries", {}), **self.index["entries"]}
+            missing = [n for n in names if n not in self.index["entries"]]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise DeftlabError(f"{len(missing)} decompositions (e.g. {missing[0]}) never appeared in {self.dir}",
+                                   "a shard's process failed: rerun it, or run without shards")
+            time.sleep(poll)
+
+
+class CachedDecompositions(Mapping):
+    """Decompositions read from a cache when accessed, so building a model holds one matrix's factors at a time."""
+
+    def __init__(self, cache: DecompositionCache, names):
+        self.cache, self.names = cache, list(names)
+
+    def __getitem__(self, name: str) -> Decomposition:
+        if name not in self.names:
+            raise KeyError(name)
+        dec = self.cache.get(name)
+        if dec is None:
+            raise CacheCorruptError(f"decomposition of {name} is missing or corrupt in {self.cache.dir}",
+                                    "run again: the missing entries are recomputed")
+        return dec
+
+    def __contains__(self, name) -> bool:
+        return name in self.names and name in self.cache
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -36,7 +36,12 @@ class DecompositionConfig:
     search; group: its rank cut size G. calib*: the calibration set (task corpus, examples, sampling
     seed, tokens per example, batch). owl_*: OWL's λ and outlier threshold M; welore_min_ratio: WeLore's floor;
     welore_factor: which rank-reduced matrices the welore allocator makes two matrices, "break-even" (factors
-    smaller than dense) or "lrc" (WeLore's rule: only LRCs); other allocators use break-even."""
+    smaller than dense) or "lrc" (WeLore's rule: only LRCs); other allocators use break-even.
+    blockwise: calibrate and decompose one decoder block at a time, reading it from the checkpoint's safetensors,
+    and build the decomposed model from the checkpoint and the cache without ever loading the dense model
+    (memory bounded by one block, not the depth: how DeFT fits LLaMA-65B on one 24 GB GPU). Same statistics,
+    ranks and model as the whole-model pass; the Grams are freed block by block, so OWL (which reads them after
+    calibration) needs the whole-model pass."""
 
     allocator: Allocator = "deft"
     svd: Literal["whitened", "plain"] = "whitened"
@@ -55,6 +60,7 @@ class DecompositionConfig:
     welore_min_ratio: float = 0.0
     welore_factor: Literal["break-even", "lrc"] = "break-even"
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    blockwise: bool = False
 
     def validate(self) -> None:
         if self.allocator == "none":
@@ -71,6 +77,9 @@ class DecompositionConfig:
                                   f"set {name} above 0, or leave it unset")
         if self.eta < 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta}", "e.g. eta=1 (0 ignores the outlier ratios)")
+        if self.blockwise and self.allocator == "owl":
+            raise ConfigError("blockwise decomposition frees each block's Grams, which OWL's ratios read afterwards",
+                              "set blockwise false for allocator owl")
         if not self.targets:
             raise ConfigError("targets is empty", "name the projections to decompose, e.g. q_proj, k_proj")
 

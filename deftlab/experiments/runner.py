@@ -24,6 +24,8 @@ from deftlab.errors import DeftlabError
 from deftlab.experiments.kinds import get_kind
 from deftlab.experiments.registry import Experiment, deep_merge
 from deftlab.store import LeaseLostError, ResultsStore, RunInProgressError, run_key
+from deftlab.store.lease import launch_id, lease_state, lease_timeout
+from deftlab.train.distributed import global_rank, is_global_zero
 
 _TEMPLATE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -264,7 +266,10 @@ def execute(spec: RunSpec, store: ResultsStore, *, force: bool = False,
     """Record one run (its dependencies first) unless it is already recorded; returns the record.
 
     `options` are keyword arguments for the run function that do not change what it computes (progress bars,
-    W&B mode). Raises RunInProgressError when another live process holds the run (or a dependency)."""
+    W&B mode). Raises RunInProgressError when another live process holds the run (or a dependency).
+    In a launched process other than rank 0 (torchrun) see `_execute_on_other_rank`."""
+    if not is_global_zero():
+        return _execute_on_other_rank(spec, store, force=force, options=options)
     say = progress or (lambda _m: None)
     for dep in spec.refs.values():
         execute(dep, store, force=False, progress=progress)
@@ -305,6 +310,47 @@ def execute(spec: RunSpec, store: ResultsStore, *, force: bool = False,
             raise RunFailedError(f"run {spec.ref} failed: {type(e).__name__}: {e} (details in {where})",
                                  "fix the cause and re-run; recorded runs are kept") from e
         raise
+
+
+def _training_world_size(config: dict | None) -> int:
+    profile = (config or {}).get("training_profile") or {}
+    return int(profile.get("devices", 1)) * int(profile.get("num_nodes", 1))
+
+
+def _execute_on_other_rank(spec: RunSpec, store: ResultsStore, *, force: bool = False,
+                           options: dict | None = None) -> dict:
+    """A launched process other than rank 0 (torchrun: every process runs the command). It joins the runs whose
+    training profile spans several processes, inside the directory its rank 0 claimed, and never claims, records
+    or reports a failure; every other run is rank 0's alone. Returns the run's record when it is already recorded,
+    else an unrecorded stand-in ("recorded": False) holding what the run function returned."""
+    for dep in spec.refs.values():  # rank 0 records them (waiting here until it has)
+        while store.status(dep.kind, dep.key).state != "done":
+            time.sleep(min(_poll_interval(), 1.0))
+    if store.status(spec.kind, spec.key).state == "done" and not force:
+        return store.load(spec.kind, spec.key)  # type: ignore[return-value]
+    kind = get_kind(spec.kind)
+    params = _call_params(spec, store)
+    stand_in = {"kind": spec.kind, "key": spec.key, "params": spec.params, "metrics": {}, "recorded": False,
+                "rank": global_rank()}
+    if _training_world_size(kind.resolved_config(params)) == 1:
+        return stand_in
+    run_dir = _wait_for_claim(spec, store)
+    stand_in["metrics"] = kind.resolve()(params, run_dir, **(options or {}))
+    return stand_in
+
+
+def _wait_for_claim(spec: RunSpec, store: ResultsStore) -> Path:
+    """The in-flight directory once this launch's rank 0 holds its lease. Creating it first would make rank 0
+    see a run in progress; another launch's (or a crashed attempt's) lease is not ours to join."""
+    partial = store.partial_dir(spec.kind, spec.key)
+    ours, deadline = launch_id(), time.time() + lease_timeout()
+    while time.time() < deadline:
+        state, lease, _ = lease_state(partial)
+        if state == "fresh" and lease is not None and lease.get("launch") == ours:
+            return partial
+        time.sleep(0.2)
+    raise RunFailedError(f"rank {global_rank()}: rank 0 did not start run {spec.ref} within {lease_timeout():.0f} s",
+                         "check rank 0's output; every process must run the same command")
 
 
 POLL_ENV = "DEFTLAB_POLL_S"

@@ -23,9 +23,10 @@ class ModelConfig:
 
         return replace(self, device="cuda" if torch.cuda.is_available() else "cpu")
 
-    def load(self):
-        """The `LoadedModel` (weights, tokenizer, spec, fingerprint) on the resolved device."""
+    def load(self, weights: bool = True):
+        """The `LoadedModel` (weights, tokenizer, spec, fingerprint) on the resolved device; weights=False: on
+        the meta device, its checkpoint located but not read (block-by-block pipelines)."""
         from deftlab.models.loading import load_model
 
         cfg = self.resolve()
-        return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, weights=weights)

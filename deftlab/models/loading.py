@@ -41,6 +41,11 @@ class LoadedModel:
     spec: ModelSpec
     checkpoint_dir: Path | None  # safetensors directory the weights came from (None: hub cache)
     fingerprint: str  # identifies the exact weights, used in cache keys
+    device: str = "cpu"  # where the run computes (a weightless model's parameters are all on meta)
+
+    @property
+    def has_weights(self) -> bool:
+        return not any(p.is_meta for p in self.model.parameters())
 
     @property
     def num_params(self) -> int:
@@ -172,8 +177,13 @@ def _hub_source(spec: ModelSpec) -> str:
     return spec.hub_id
 
 
-def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load model + tokenizer. `device`: 'cpu', 'cuda', or 'auto' (accelerate device_map)."""
+def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cpu",
+               weights: bool = True) -> LoadedModel:
+    """Load model + tokenizer. `device`: 'cpu', 'cuda', or 'auto' (accelerate device_map).
+
+    weights=False: the model is built on the meta device and its safetensors checkpoint directory is located
+    (converted, downloaded to the HF cache, or written for the tiny model) but not read, for block-by-block
+    calibration and selective building (deftlab.decompose.blockwise, deftlab.surgery.load_decomposed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = resolve_spec(name_or_path)
@@ -184,6 +194,8 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
         raise DeftlabError(f"unknown dtype '{dtype_name}'", f"use one of {sorted(_DTYPES)}")
     torch_dtype = _DTYPES[dtype_name]
 
+    if not weights:
+        return _weightless(spec, torch_dtype, "cpu" if device == "auto" else device)
     if spec.source == "tiny":
         return LoadedModel(model=tiny_llama(seed=0).to(torch_dtype), tokenizer=TinyTokenizer(), spec=spec,
                            checkpoint_dir=None, fingerprint="tiny:seed0")
@@ -210,7 +222,47 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, checkpoint_dir=ckpt, fingerprint=fingerprint)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, checkpoint_dir=ckpt, fingerprint=fingerprint,
+                       device=str(next(model.parameters()).device))
+
+
+def _tiny_checkpoint() -> Path:
+    """The tiny model's weights as a safetensors checkpoint (written once), so the streaming paths run on it."""
+    ckpt = cache_dir() / "models" / "tiny-seed0"
+    if not (ckpt / WEIGHTS).is_file():
+        tmp = ckpt.with_name(ckpt.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tiny_llama(seed=0).save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
+    return ckpt
+
+
+def _weightless(spec: ModelSpec, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if spec.source == "tiny":
+        ckpt, tokenizer, fingerprint = _tiny_checkpoint(), TinyTokenizer(), "tiny:seed0"
+    else:
+        if spec.source == "gguf_package":
+            ckpt = ensure_checkpoint(spec)
+            fingerprint = json.loads((ckpt / CHECKSUMS).read_text())["files"][WEIGHTS]["sha256"]
+        elif spec.source == "local":
+            ckpt, fingerprint = Path(spec.path), _local_fingerprint(Path(spec.path))
+        else:
+            from huggingface_hub import snapshot_download
+
+            ckpt = Path(snapshot_download(_hub_source(spec), allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                             "*.txt"]))
+            fingerprint = f"hub:{spec.hub_id}"
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(str(ckpt))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, spec=spec, checkpoint_dir=ckpt,
+                       fingerprint=fingerprint, device=device)
 
 
 def _local_fingerprint(path: Path) -> str:

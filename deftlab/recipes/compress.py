@@ -4,19 +4,24 @@ perplexity. Run kind "compress"; also the first half of every decomposed fine-tu
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from deftlab import settings
 from deftlab.allocate import MatrixSpectrum, allocate
 from deftlab.allocate.base import linear_keep, model_keep_fraction, total_dense
 from deftlab.allocate.owl import layer_outlier_ratios
-from deftlab.config import from_params, replace, to_dict
+from deftlab.config import ConfigError, from_params, replace, to_dict
 from deftlab.data.calibration import calibration_texts, fingerprint
 from deftlab.decompose.cache import DecompositionCache, decomposition_key
+from deftlab.decompose.blockwise import ShardReader, collect_statistics_blockwise
 from deftlab.decompose.calibration import CalibrationStats, collect_statistics, stats_key, token_batches
 from deftlab.decompose.config import OUTLIER_THRESHOLD, DecompositionConfig
 from deftlab.decompose.driver import decompose_all
@@ -26,7 +31,10 @@ from deftlab.eval.corpora import alpaca_text
 from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
 from deftlab.models import ModelConfig
 from deftlab.settings import cache_dir
-from deftlab.surgery.replace import build_decomposed_model
+from deftlab.surgery.params import count_params
+from deftlab.surgery.quantize import nf4_finalizer
+from deftlab.surgery.replace import build_decomposed_model, load_decomposed
+from deftlab.train.distributed import global_rank, launched_world_size
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +57,27 @@ class CompressConfig:
         return replace(self, model=self.model.resolve())
 
 
-def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None, cache_root: Path | None = None):
-    """Gram matrices and outlier ratios for the calibration set of `dcfg`, from the cache (under `cache_root`,
-    default deftlab's cache dir) when present."""
+def _calibration_batches(dcfg: DecompositionConfig, lm, data_dir=None) -> tuple[list[dict], str]:
+    """The tokenised calibration batches of `dcfg` and their statistics' cache key."""
     # Calibrate on task data in the format the model is fine-tuned on (Alpaca for arithmetic).
     fmt = alpaca_text if dcfg.calib in ("arith", "generated") else None
     texts = calibration_texts(dcfg.calib, n=dcfg.calib_n, seed=dcfg.calib_seed, data_dir=data_dir, formatter=fmt)
     key = stats_key(lm.fingerprint, fingerprint(texts), dcfg.targets, dcfg.calib_max_length, OUTLIER_THRESHOLD)
+    batches = list(token_batches(lm.tokenizer, texts, batch_size=dcfg.calib_batch_size,
+                                 max_length=dcfg.calib_max_length))
+    return batches, key
+
+
+def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None, cache_root: Path | None = None):
+    """Gram matrices and outlier ratios for the calibration set of `dcfg`, from the cache (under `cache_root`,
+    default deftlab's cache dir) when present."""
+    batches, key = _calibration_batches(dcfg, lm, data_dir)
     path = Path(cache_root or cache_dir()) / "calibration" / key
     if (path / "stats.json").exists():
         try:
             return CalibrationStats.load(path), key
         except CacheCorruptError as e:
             log.warning("%s; recollecting", e)
-    batches = list(token_batches(lm.tokenizer, texts, batch_size=dcfg.calib_batch_size,
-                                 max_length=dcfg.calib_max_length))
     stats = collect_statistics(lm.model, batches, targets=dcfg.targets, total=len(batches),
                                threshold=OUTLIER_THRESHOLD)
     stats.info.update({"calib": dcfg.calib, "n": dcfg.calib_n, "seed": dcfg.calib_seed})
@@ -71,8 +85,70 @@ def calibration_stats(dcfg: DecompositionConfig, lm, data_dir=None, cache_root: 
     return stats, key
 
 
+def _decomposition_cache(dcfg: DecompositionConfig, lm, skey: str | None, cache_root: Path | None):
+    return DecompositionCache(decomposition_key(lm.fingerprint, skey if dcfg.svd == "whitened" else None,
+                                                dcfg.targets),
+                              meta={"model": lm.spec.name, "svd": dcfg.svd, "stats": skey},
+                              root=Path(cache_root) / "decompositions" if cache_root else None)
+
+
+def launch_shard() -> tuple[int, int] | None:
+    """(rank, world size) of a torchrun launch, whose processes split every decomposition into one cache (each
+    rank computes its share, then reads the others'); None in a single process."""
+    world = launched_world_size()
+    return (global_rank(), world) if world and world > 1 else None
+
+
+def blockwise_decomposition(dcfg: DecompositionConfig, lm, *, data_dir=None, cache_root: Path | None = None,
+                            shard: tuple[int, int] | None = None, owned: list[str] | None = None):
+    """Calibrate and decompose one decoder block at a time (`dcfg.blockwise`): (α or None, statistics key, cache).
+
+    Each block is read from the checkpoint (or moved, when `lm` has its weights), its statistics collected on the
+    dense model's inputs, its matrices decomposed into the cache, and its Grams freed before the next block. Only
+    α is kept (calibration/<key>/alpha.json), so a later run that finds every decomposition cached calibrates
+    nothing. shard=(i, n): this process decomposes the i-th of n parts of each block (`decompose_all`); their
+    names are appended to `owned`."""
+    owned = [] if owned is None else owned
+    names = list(target_linears(lm.model, dcfg.targets))
+    batches, skey = _calibration_batches(dcfg, lm, data_dir) if dcfg.needs_stats else (None, None)
+    cache = _decomposition_cache(dcfg, lm, skey, cache_root)
+    alpha_file = Path(cache_root or cache_dir()) / "calibration" / str(skey) / "alpha.json"
+    alpha = json.loads(alpha_file.read_text())["alpha"] if skey and alpha_file.is_file() else None
+    complete = all(n in cache for n in names)
+    if complete and (alpha is not None or not dcfg.needs_stats):
+        return alpha, skey, cache
+    reader = None if lm.has_weights else ShardReader(lm.checkpoint_dir)
+    whitened = dcfg.svd == "whitened"
+
+    if not dcfg.needs_stats:  # plain SVD: nothing to calibrate; read one block's weights at a time
+        for layer in sorted({layer_index(n) for n in names}):
+            block = [n for n in names if layer_index(n) == layer and n not in cache]
+            weights = {n: (lm.model.get_submodule(n).weight if reader is None
+                           else reader.load(f"{n}.weight")[""]).to(lm.device).float() for n in block}
+            owned += decompose_all(weights, None, cache, progress=False, shard=shard)
+        return None, None, cache
+
+    def on_block(i: int, stats: CalibrationStats) -> None:
+        mine = [n for n in stats.alpha if whitened or n not in cache]
+        weights = {n: lm.model.get_submodule(n).weight.detach().float() for n in mine}
+        owned.extend(decompose_all(weights, {n: stats.gram(n) for n in mine} if whitened else None, cache,
+                                   progress=False, shard=shard))
+
+    stats = collect_statistics_blockwise(lm.model, batches, targets=dcfg.targets, threshold=OUTLIER_THRESHOLD,
+                                         device=lm.device, reader=reader, keep_grams=False,
+                                         on_block=None if complete else on_block)
+    alpha_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = alpha_file.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"alpha": stats.alpha, "tokens": stats.tokens, "threshold": stats.threshold,
+                               "info": {**stats.info, "calib": dcfg.calib, "n": dcfg.calib_n,
+                                        "seed": dcfg.calib_seed}}, indent=1))
+    os.replace(tmp, alpha_file)
+    return stats.alpha, skey, cache
+
+
 def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: int = 0, lora_alpha: float = 16.0,
-                   init: str = "deft", cache_root: Path | None = None):
+                   init: str = "deft", cache_root: Path | None = None, quantize: bool = False,
+                   fold: Iterable[str] = ()):
     """Returns (model, report) for a `LoadedModel`; the model is modified in place (target linears replaced).
 
     cache_root: where calibration statistics and decompositions are cached (default deftlab's cache dir); an
@@ -81,27 +157,46 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
     With lora_rank > 0 and init="deft", the r components after the top θ−r of each matrix are returned in
     report["lora_tails"] (for deftlab.adapters.attach) and the frozen factors keep only θ−r components.
     Allocator "none" leaves the model dense (report["allocation"] is None).
+
+    `dcfg.blockwise` (`blockwise_decomposition`): when `lm` has no weights (`ModelConfig.load(weights=False)`) the
+    model is built from its checkpoint and the cache (`load_decomposed`) and becomes `lm.model`; quantize: its
+    linears and factors are stored in NF4 as each is loaded (QLoRA), so no dense decomposed weight is ever held;
+    fold: the modules whose DeFT tails go back into their frozen factors first (report["folded_tails"]).
     """
     t0 = time.time()
     params_before = sum(p.numel() for p in lm.model.parameters())
     report = {"config": to_dict(dcfg), "params_before": params_before, "stats_key": None,
-              "decomposition_dir": None, "allocation": None, "lora_tails": {}, "alpha": None}
+              "decomposition_dir": None, "allocation": None, "lora_tails": {}, "alpha": None,
+              "folded_tails": []}
     if not dcfg.decomposes:
         report.update(params_after=params_before, seconds=time.time() - t0)
         return lm.model, report
     linears = target_linears(lm.model, dcfg.targets)
-    stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
-    weights = {n: m.weight.detach().float() for n, m in linears.items()}
-    grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
-    cache = DecompositionCache(decomposition_key(lm.fingerprint, skey if grams else None, dcfg.targets),
-                               meta={"model": lm.spec.name, "svd": dcfg.svd, "stats": skey},
-                               root=Path(cache_root) / "decompositions" if cache_root else None)
-    decs = decompose_all(weights, grams, cache)
-    spectra = [MatrixSpectrum(name=n, layer=layer_index(n), out_features=w.shape[0], in_features=w.shape[1],
-                              sigma=decs[n].sigma) for n, w in weights.items()]
+    shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+    shard = launch_shard()
+    if dcfg.blockwise:
+        alpha, skey, cache = blockwise_decomposition(dcfg, lm, data_dir=data_dir, cache_root=cache_root, shard=shard)
+        if shard:
+            cache.wait_for(linears)
+        decs = cache.lazy(linears)
+        sigmas = {n: cache.sigma(n) for n in linears}
+        weights = grams = None
+    else:
+        stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
+        alpha = stats.alpha if stats else None
+        weights = {n: m.weight.detach().float() for n, m in linears.items()}
+        grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
+        cache = _decomposition_cache(dcfg, lm, skey if grams else None, cache_root)
+        decs = decompose_all(weights, grams, cache, shard=shard)
+        if shard:  # the other ranks' shares, read back once they are written
+            cache.wait_for(linears)
+            decs = decompose_all(weights, grams, cache)
+        sigmas = {n: d.sigma for n, d in decs.items()}
+    spectra = [MatrixSpectrum(name=n, layer=layer_index(n), out_features=shapes[n][0], in_features=shapes[n][1],
+                              sigma=sigmas[n]) for n in linears]
     kw = {}
     if dcfg.allocator == "deft":
-        kw = {"alpha": stats.alpha if stats else None, "eta": dcfg.eta, "group": dcfg.group}
+        kw = {"alpha": alpha, "eta": dcfg.eta, "group": dcfg.group}
     elif dcfg.allocator == "owl":
         sq = {n: torch.diagonal(stats.gram(n)) for n in linears}
         kw = {"outlier_ratios": layer_outlier_ratios(weights, sq, {n: layer_index(n) for n in linears},
@@ -112,11 +207,60 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
     if keep is not None and dcfg.keep_of == "model":
         keep = linear_keep(keep, params_before, total_dense(spectra))
     alloc = allocate(spectra, dcfg.allocator, keep=keep, err=dcfg.err, **kw)
-    _, tails = build_decomposed_model(lm.model, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha, init=init)
-    report.update(allocation=alloc, lora_tails=tails, alpha=stats.alpha if stats else None, stats_key=skey,
-                  decomposition_dir=str(cache.dir), params_after=sum(p.numel() for p in lm.model.parameters()),
+    if lm.has_weights:
+        _, tails = build_decomposed_model(lm.model, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                          init=init)
+    else:
+        dtype = next(p.dtype for p in lm.model.parameters() if p.is_floating_point())
+        lm.model, tails = load_decomposed(lm.checkpoint_dir, alloc, decs, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                          init=init, dtype=dtype, device=lm.device, fold=fold,
+                                          finalize=nf4_finalizer() if quantize else None)
+        report["folded_tails"] = sorted(n for n in fold if alloc.ranks[n] < min(shapes[n]) or alloc.factored[n])
+        if quantize:
+            lm.model.is_loaded_in_4bit = True  # as quantize_for_qlora marks it (PEFT reads the flag)
+    report.update(allocation=alloc, lora_tails=tails, alpha=alpha, stats_key=skey,
+                  decomposition_dir=str(cache.dir), params_after=count_params(lm.model)["total"],
                   seconds=time.time() - t0)
     return lm.model, report
+
+
+def decompose_shard(cfg: CompressConfig, shard: tuple[int, int]) -> tuple[Path, list[str]]:
+    """Fill the i-th of n parts of `cfg`'s decomposition cache (calibrating as the run would) and stop: n processes
+    or machines sharing one cache run this, then the run itself finds every matrix cached. Returns the cache dir
+    and the matrices this shard owns."""
+    dcfg = cfg.decomposition
+    if not dcfg.decomposes:
+        raise ConfigError("allocator 'none' decomposes nothing", "pass --keep or --err with an allocator")
+    data_dir = settings.data_dir(cfg.data_dir)
+    lm = cfg.model.load(weights=not dcfg.blockwise)
+    names = list(target_linears(lm.model, dcfg.targets))
+    if dcfg.blockwise:
+        names = []
+        _, _, cache = blockwise_decomposition(dcfg, lm, data_dir=data_dir, shard=shard, owned=names)
+    else:
+        stats, skey = calibration_stats(dcfg, lm, data_dir) if dcfg.needs_stats else (None, None)
+        grams = {n: stats.gram(n) for n in names} if dcfg.svd == "whitened" else None
+        cache = _decomposition_cache(dcfg, lm, skey if grams else None, None)
+        weights = {n: lm.model.get_submodule(n).weight.detach().float() for n in names}
+        names = list(decompose_all(weights, grams, cache, shard=shard))
+    return cache.dir, names
+
+
+class _NoAllocation:
+    ranks: dict = {}
+    factored: dict = {}
+    lrc: dict = {}
+
+
+def load_quantized(lm) -> torch.nn.Module:
+    """The dense model of a weightless `lm` (`ModelConfig.load(weights=False)`) read from its checkpoint one tensor
+    at a time, each linear but the LM head stored in NF4 as soon as it is loaded: QLoRA's base without ever holding
+    the model in 16 bits (LLaMA-65B: 33 GB instead of 131 GB). Becomes `lm.model`."""
+    dtype = next(p.dtype for p in lm.model.parameters() if p.is_floating_point())
+    lm.model, _ = load_decomposed(lm.checkpoint_dir, _NoAllocation(), {}, dtype=dtype, device=lm.device,
+                                  finalize=nf4_finalizer())
+    lm.model.is_loaded_in_4bit = True
+    return lm.model
 
 
 def allocation_frame(report):
@@ -147,8 +291,9 @@ def allocation_metrics(alloc, params_model: int | None = None) -> dict:
 def run_compress(params: dict, run_dir: Path) -> dict:
     """Run kind "compress": perplexity of the compressed model on the `ppl` corpora; allocation.csv per matrix."""
     cfg = CompressConfig.from_params(params).resolve()
-    lm = cfg.model.load()
-    model, report = compress_model(cfg.decomposition, lm, data_dir=cfg.data_dir)
+    dcfg = cfg.decomposition
+    lm = cfg.model.load(weights=not (dcfg.decomposes and dcfg.blockwise))
+    model, report = compress_model(dcfg, lm, data_dir=cfg.data_dir)
     metrics = {"params_total": report["params_after"], "params_dense_total": report["params_before"],
                # WeLore Table 4's "Compressed Params" (0.67× at 50%): all parameters, embeddings included
                "params_total_fraction": report["params_after"] / report["params_before"],

@@ -35,18 +35,21 @@ from deftlab.adapters.config import BOTTLENECK_FIELDS, BOTTLENECK_KINDS, LORA_KI
 from deftlab.config import ConfigError, replace, to_dict
 from deftlab.data.calibration import calibration_picks
 from deftlab.decompose.config import DecompositionConfig, method_config
+from deftlab.decompose.targets import target_linears
 from deftlab.errors import DeftlabError
 from deftlab.eval.generate import evaluate_sets
 from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities, text_perplexities
 from deftlab.manifest import write_json_atomic
 from deftlab.models import ModelConfig
-from deftlab.recipes.compress import allocation_metrics, compress_model
+from deftlab.recipes.compress import allocation_metrics, compress_model, load_quantized
 from deftlab.store import read_record
 from deftlab.surgery.fold import fold_tails
 from deftlab.surgery.params import count_params
+from deftlab.surgery.replace import checkpoint_has_safetensors
 from deftlab.tasks import get_task
 from deftlab.tasks.registry import task_class
 from deftlab.tasks.splits import heldout_order, train_subset
+from deftlab.train.distributed import is_global_zero
 from deftlab.train.memory import RssSampler, peak_memory_bytes, release_free_memory
 from deftlab.train.profiles import TrainProfile, load_profile
 
@@ -106,7 +109,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool | None = None  # None: the profile's
     devices: int | None = None  # data-parallel processes per node (None: the profile's)
     num_nodes: int | None = None
-    strategy: Literal["auto", "ddp_spawn", "ddp_fork"] | None = None
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed"] | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     zero_shot: bool = False
     ppl_stage: Literal["before", "after"] | None = None
@@ -125,6 +128,9 @@ class FinetuneConfig:
         return method_config(cls, params)
 
     def validate(self) -> None:
+        if self.strategy == "fsdp" and self.adapter != "full":
+            raise ConfigError(f"strategy fsdp with adapter '{self.adapter}': FSDP here shards full fine-tuning only",
+                              "use --adapter full, or strategy ddp for adapters")
         if self.optimizer == "galore" and self.adapter != "full":
             raise ConfigError(f"optimizer 'galore' with adapter '{self.adapter}': GaLore projects the gradients of "
                               "full weight matrices", "use --adapter full with galore, or optimizer adamw")
@@ -244,20 +250,34 @@ def build_model(cfg: FinetuneConfig, *, loaded=None, cache_root=None):
 
     cfg = cfg.resolve()  # idempotent
     acfg = cfg.adapter_config()
-    lm = loaded or cfg.model.load()
+    dcfg = cfg.decomposition
+    streamed = dcfg is not None and dcfg.decomposes and dcfg.blockwise
+    # The dense 16-bit model is never loaded for blockwise DeFT (compress_model builds it from the checkpoint and
+    # the cache) nor for dense QLoRA (each linear is quantised as it is read), where the checkpoint is safetensors
+    quantized_load = dcfg is None and acfg.kind == "qlora" and loaded is None
+    lm = loaded or cfg.model.load(weights=not (streamed or quantized_load))
+    if quantized_load and not lm.has_weights and not checkpoint_has_safetensors(lm.checkpoint_dir):
+        lm = cfg.model.load()
     params_dense = count_params(lm.model)["total"]
+    if not lm.has_weights and not streamed:
+        load_quantized(lm)
     report: dict[str, Any] = {"compress": None, "allocation": None, "folded_tails": [],
                               "adapter": to_dict(acfg), "params_dense": params_dense}
     model, tails = lm.model, {}
     if cfg.decomposition is not None:
         deft_lora = acfg.uses_lora and acfg.init == "deft"
-        model, creport = compress_model(cfg.decomposition, lm, data_dir=settings.data_dir(cfg.data_dir),
+        fold = ()
+        if streamed and deft_lora:  # built and quantised module by module: tails are folded while building
+            fold = set(target_linears(lm.model, dcfg.targets)) - set(lora_target_names(lm.model, acfg.target_modules))
+        model, creport = compress_model(dcfg, lm, data_dir=settings.data_dir(cfg.data_dir),
                                         lora_rank=acfg.r if deft_lora else 0, lora_alpha=acfg.alpha,
-                                        init="deft" if deft_lora else "vanilla", cache_root=cache_root)
+                                        init="deft" if deft_lora else "vanilla", cache_root=cache_root,
+                                        quantize=acfg.kind == "qlora" and streamed, fold=fold)
         tails = dict(creport.get("lora_tails") or {})
+        report["folded_tails"] = creport["folded_tails"]
         if tails:
             targets = set(lora_target_names(model, acfg.target_modules))
-            report["folded_tails"] = fold_tails(model, {n: t for n, t in tails.items() if n not in targets})
+            report["folded_tails"] += fold_tails(model, {n: t for n, t in tails.items() if n not in targets})
             tails = {n: t for n, t in tails.items() if n in targets}
         report.update(compress=creport, allocation=creport["allocation"])
         if deft_lora and not tails:
@@ -441,8 +461,9 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
     metrics: dict[str, Any] = {"method": cfg.method, "adapter": cfg.adapter, "model": lm.spec.name,
                                "task": cfg.task, "profile": profile.name, "seed": profile.seed,
                                "params_dense": report["params_dense"]}
+    lead = is_global_zero()  # torchrun: every rank runs this recipe; rank 0 alone evaluates and records
     alloc = report["allocation"]
-    if alloc is not None:
+    if alloc is not None and lead:
         alloc.to_frame().to_csv(run_dir / "allocation.csv", index=False)
         metrics.update(allocation_metrics(alloc, report["params_dense"]))
     if report["folded_tails"]:
@@ -466,10 +487,10 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
             metrics.setdefault("notes", []).append(note)
         metrics.update(got)
 
-    if cfg.perplexity.ppl and cfg.ppl_stage == "before":
+    if lead and cfg.perplexity.ppl and cfg.ppl_stage == "before":
         metrics.update(perplexities(model))
         heldout(model, "train_heldout_before")
-    if cfg.zero_shot:
+    if lead and cfg.zero_shot:
         zs = evaluate_profile(model, tok, task, run_dir / ZERO_SHOT_DIR, eval_sets=cfg.eval_sets, profile=profile,
                               progress=progress)
         metrics.update(summarize_eval(zs, prefix="zs_"))
@@ -484,6 +505,8 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
             train_stats = fit(model, tok, task, profile, run_dir, loggers="auto", wandb_mode=wandb_mode,
                               progress=progress, accelerator="gpu" if on_gpu else "cpu", optimizer=cfg.optimizer)
         model.to(cfg.model.device)  # Lightning hands the model back on the CPU
+        if not lead:  # another rank of a torchrun launch: it trained its share; rank 0 evaluates and records
+            return {"global_rank": train_stats["global_rank"]}
         # several processes (ddp_spawn): rank 0's own peak came back with its statistics; this process idled
         spawned = train_stats.get("world_size", 1) > 1
         peak, peak_kind = ((train_stats["peak_memory_bytes"], train_stats["peak_memory_kind"]) if on_gpu or spawned
@@ -504,6 +527,8 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
         peak, kind = peak_memory_bytes(next(model.parameters()).device)
         metrics.update(peak_mem_mb=peak / 2**20, peak_mem_kind=kind)
     metrics["trained"] = cfg.adapter != "none"
+    if not lead:  # adapter none: nothing to train, rank 0 evaluates
+        return {}
 
     model = merge_for_eval(model)
     model.eval()

@@ -65,6 +65,14 @@ def lease_timeout() -> float:
     return value
 
 
+def launch_id() -> str | None:
+    """The multi-process launch this process belongs to (torchrun's / Lightning's rendezvous address), or None: the
+    other ranks of a launch join only a run whose lease their own rank 0 wrote (deftlab.experiments.runner)."""
+    if "MASTER_PORT" not in os.environ:
+        return None
+    return ":".join(os.environ.get(v, "") for v in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+
+
 def host_name() -> str:
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
@@ -131,7 +139,7 @@ class Lease:
     def payload(self, released: bool = False) -> dict:
         return {"host": host_name(), "pid": os.getpid(), "boot_id": boot_id(), "token": self.token,
                 "started_at": self.started_at, "heartbeat": time.time(), "attempt": self.attempt,
-                "released": released}
+                "released": released, "launch": launch_id()}
 
     def write(self, released: bool = False) -> None:
         write_json_atomic(self.run_dir / LEASE_FILE, self.payload(released))

@@ -6,7 +6,7 @@ import torch
 
 from deftlab.errors import DeftlabError
 from deftlab.surgery.lowrank import LowRankLinear
-from deftlab.surgery.replace import get_parent
+from deftlab.surgery.replace import get_parent, with_tail
 
 
 @torch.no_grad()
@@ -21,15 +21,13 @@ def fold_tails(model: torch.nn.Module, tails: dict) -> list[str]:
     for name, tail in tails.items():
         parent, attr = get_parent(model, name)
         module = getattr(parent, attr)
-        sB = tail.B * tail.scaling
         if isinstance(module, LowRankLinear):
-            W_u = torch.cat([module.u_proj.weight, sB.to(module.u_proj.weight)], dim=1)
-            W_v = torch.cat([module.v_proj.weight, tail.A.to(module.v_proj.weight)], dim=0)
+            W_u, W_v = with_tail((module.u_proj.weight, module.v_proj.weight), tail)
             bias = module.u_proj.bias
             new = LowRankLinear.from_factors(W_u, W_v, bias, requires_grad=module.u_proj.weight.requires_grad)
             setattr(parent, attr, new)
         elif isinstance(module, torch.nn.Linear):
-            module.weight.add_((sB @ tail.A).to(module.weight))
+            module.weight.copy_(with_tail(module.weight, tail))
         else:
             raise DeftlabError(f"cannot fold a DeFT tail into '{name}' ({type(module).__name__})")
         folded.append(name)

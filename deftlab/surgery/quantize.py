@@ -217,6 +217,19 @@ def quantize_dense_linears(
     return done
 
 
+def nf4_finalizer(skip: Iterable[str] = DEFAULT_SKIP, **kw):
+    """For `load_decomposed(finalize=)`: each linear (dense, or a factor) is stored in NF4 as soon as it is loaded,
+    as `quantize_for_qlora` stores them afterwards; `skip` (the LM head) and empty rank-0 factors stay as they are."""
+    skip = tuple(skip)
+
+    def finalize(name: str, linear: nn.Module) -> nn.Module | None:
+        if _skipped(name, skip) or linear.weight.numel() == 0:
+            return None
+        return to_linear4bit(linear, **kw)
+
+    return finalize
+
+
 def quantize_for_qlora(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, **kw) -> list[str]:
     """QLoRA base: 4-bit factors for decomposed layers and 4-bit weights for dense linears (except `skip`)."""
     names = quantize_lowrank(model, **kw)

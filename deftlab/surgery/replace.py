@@ -36,6 +36,7 @@ from deftlab.errors import DeftlabError
 from deftlab.surgery.lowrank import LowRankLinear
 
 FactorSpec = Union[tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+Finalizer = Callable[[str, nn.Module], Union[nn.Module, None]]
 InitKind = Literal["deft", "vanilla"]
 
 
@@ -164,6 +165,18 @@ def plan_module(
         tail = LoraTail(B=lora_B, A=lora_A, scaling=scaling)
     spec: FactorSpec = (W_u, W_v) if factored else W_u @ W_v
     return spec, tail
+
+
+def with_tail(spec: FactorSpec, tail: LoraTail, dtype: torch.dtype | None = None) -> FactorSpec:
+    """`spec` with its DeFT tail put back: factors [W_u | s·B], [W_v; A], or the dense W + s·B·A (in `dtype`,
+    each term rounded to it first, as adding the tail to an already built weight does)."""
+    sB = tail.B * tail.scaling
+    if isinstance(spec, tuple):
+        W_u, W_v = spec
+        dt = dtype or W_u.dtype
+        return torch.cat([W_u.to(dt), sB.to(dt)], dim=1), torch.cat([W_v.to(dt), tail.A.to(dt)], dim=0)
+    dt = dtype or spec.dtype
+    return spec.to(dt) + (sB @ tail.A).to(dt)
 
 
 def _check_allocation(allocation: AllocationLike) -> None:
@@ -295,6 +308,12 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     raise DeftlabError(f"no model.safetensors in {path}", "convert the checkpoint to safetensors first")
 
 
+def checkpoint_has_safetensors(path: str | Path | None) -> bool:
+    """Whether `path` is a checkpoint directory `load_decomposed` can stream (safetensors, single or sharded)."""
+    return path is not None and any((Path(path) / f).is_file()
+                                    for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
 @dataclass
 class LoadReport:
     """Which checkpoint tensors were read and which were skipped (never read)."""
@@ -311,9 +330,12 @@ def stream_checkpoint(
     skip: set[str] = frozenset(),
     rename: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
     report: LoadReport | None = None,
+    after: Callable[[str], None] | None = None,
 ) -> LoadReport:
-    """Read tensors one at a time and assign them into `model`; keys in `skip` are never read."""
+    """Read tensors one at a time and assign them into `model` (on `device`); keys in `skip` are never read.
+    after(key): called with the model's key of each tensor once it is assigned."""
     report = report or LoadReport()
     rename = rename or {}
     for file in files:
@@ -325,9 +347,13 @@ def stream_checkpoint(
                 tensor = f.get_tensor(key)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
+                if device is not None:
+                    tensor = tensor.to(device)
                 assign_tensor(model, rename.get(key, key), tensor)
                 report.read.append(key)
                 report.bytes_read += tensor.numel() * tensor.element_size()
+                if after is not None:
+                    after(rename.get(key, key))
     return report
 
 
@@ -365,6 +391,9 @@ def load_decomposed(
     dtype: torch.dtype | None = None,
     model_factory: Callable[[], nn.Module] | None = None,
     report: LoadReport | None = None,
+    device: torch.device | str | None = None,
+    finalize: Finalizer | None = None,
+    fold: Iterable[str] = (),
 ) -> tuple[nn.Module, dict[str, LoraTail]]:
     """Load a checkpoint and decompose it, either selectively (default) or "load dense, then replace".
 
@@ -376,6 +405,12 @@ def load_decomposed(
     reconstructions straight from `decompositions`, and only the other tensors are read from disk, so peak memory
     is the decomposed model (plus one tensor and one decomposition at a time when `decompositions` is lazy).
     selective=False: the whole dense model is materialised first (the baseline the benchmark compares against).
+    device: where the model is built (default CPU); tensors are moved there one at a time.
+    finalize(name, linear): called on every nn.Linear (factors included) as soon as its tensors are all loaded,
+    returning a replacement (e.g. NF4, `deftlab.surgery.quantize.nf4_finalizer`) or None; with selective
+    loading the model never holds more than one unfinalised linear that is already complete.
+    fold: modules whose DeFT tail goes back into their frozen weight (those a LoRA will not target; as
+    `deftlab.surgery.fold.fold_tails` does after building), before `finalize` sees them.
     """
     checkpoint = Path(checkpoint)
     files = checkpoint_files(checkpoint)
@@ -401,15 +436,52 @@ def load_decomposed(
     skip: set[str] = set()
     rename: dict[str, str] = {}
     tails: dict[str, LoraTail] = {}
+    pending = {n for n, m in model.named_modules() if type(m) is nn.Linear} if finalize else set()
+
+    def settle(name: str) -> None:
+        """Finalize module `name` once none of its tensors is on meta."""
+        module = model.get_submodule(name)
+        if finalize is None or any(t.is_meta for t in module.parameters()):
+            return
+        pending.discard(name)
+        new = finalize(name, module)
+        if new is not None:
+            parent, attr = get_parent(model, name)
+            setattr(parent, attr, new)
+
+    fold = set(fold)
     for name, spec, tail in _iter_plans(model, allocation, decompositions, lora_rank, scaling, init):
+        if tail is not None and name in fold:
+            spec, tail = with_tail(spec, tail, dtype), None
+        if device is not None:
+            spec = tuple(t.to(device) for t in spec) if isinstance(spec, tuple) else spec.to(device)
         replace_linears(model, {name: spec}, dtype=dtype)
         skip.add(f"{name}.weight")
         if isinstance(spec, tuple):
             rename[f"{name}.bias"] = f"{name}.u_proj.bias"
+            pending.discard(name)
+            pending.update(f"{name}.{c}" for c in ("u_proj", "v_proj"))
+            for c in ("v_proj", "u_proj"):
+                settle(f"{name}.{c}")
+        elif name in pending:
+            settle(name)
         if tail is not None:
             tails[name] = tail
-    stream_checkpoint(model, files, skip=skip, rename=rename, dtype=dtype, report=report)
+
+    def after(key: str) -> None:
+        module_name = key.rpartition(".")[0]
+        if module_name in pending:
+            settle(module_name)
+
+    stream_checkpoint(model, files, skip=skip, rename=rename, dtype=dtype, device=device, report=report,
+                      after=after if finalize else None)
+    if device is not None:  # buffers built on the CPU by empty_model (rotary frequencies)
+        for module in model.modules():
+            for bname, buf in list(module._buffers.items()):
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[bname] = buf.to(device)
     finish_loading(model)
+    for name in sorted(pending):  # tied weights appear only after finish_loading
+        settle(name)
     model.eval()
     return model, tails
-

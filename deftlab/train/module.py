@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from deftlab.errors import DeftlabError
 from deftlab.tasks.encoding import IGNORE_INDEX
 from deftlab.train.memory import peak_memory_bytes
+from deftlab.train.strategies import clean_name
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -96,7 +97,8 @@ class DeftLightningModule(pl.LightningModule):
 
     # --- parameters --------------------------------------------------------------------------------------
     def trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
+        # clean_name: under FSDP the names carry wrapper parts that the (full) checkpoint's names do not
+        return [clean_name(n) for n, p in self.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -149,7 +151,8 @@ class DeftLightningModule(pl.LightningModule):
         self.stats["losses"].append(float(value))
         self.stats["tokens"] += int(tokens)
         self.stats["supervised_tokens"] += n_target
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        # value: this micro-batch's loss averaged over the ranks (only rank 0's loggers write it)
+        self.log("train/loss", value, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
     def on_fit_start(self) -> None:

@@ -23,7 +23,10 @@ from deftlab.store.keys import short_digest
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 Schedule = Literal["linear", "cosine", "constant"]
-Strategy = Literal["auto", "ddp_spawn", "ddp_fork"]
+# ddp: every process runs the command (torchrun, or Lightning re-runs it); ddp_spawn/ddp_fork: this process starts
+# the others; fsdp: sharded full fine-tuning (deftlab.train.strategies); deepspeed: ZeRO stage 2, when installed
+Strategy = Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "fsdp", "deepspeed"]
+FsdpSharding = Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"]
 
 
 @dataclass
@@ -69,11 +72,15 @@ class TrainProfile:
     # then keeps only its input; `deftlab plan` shows what it saves
     gradient_checkpointing: bool = False
     # data-parallel training (Lightning): devices per node × num_nodes processes share each optimizer step's
-    # batch_size; strategy "auto" is ddp_spawn when there is more than one process (the launching process keeps
-    # the run's records and evaluation). Processes launched by torchrun are not supported yet.
+    # batch_size. strategy "auto": ddp under torchrun, else ddp_spawn when there is more than one process. Under
+    # torchrun every process runs the command; rank 0 alone records, evaluates and logs (deftlab.train.distributed)
     devices: int = 1
     num_nodes: int = 1
     strategy: Strategy = "auto"
+    # fsdp only (full fine-tuning): how parameters, gradients and optimizer states are sharded, and whether the
+    # shards live in CPU memory between uses (slower; lets 13B full FT fit fewer GPUs)
+    fsdp_sharding: FsdpSharding = "FULL_SHARD"
+    fsdp_cpu_offload: bool = False
     seed: int = 42
     save_every_n_steps: int = 50
     log_every_n_steps: int = 10
@@ -90,6 +97,17 @@ class TrainProfile:
         if self.batch_size % per_step:
             raise ConfigError(f"profile '{self.name}': batch_size {self.batch_size} is not a multiple of "
                               f"micro_batch_size × devices × num_nodes = {per_step}", "make it a multiple")
+        if self.strategy in ("ddp_spawn", "ddp_fork") and self.num_nodes > 1:
+            raise ConfigError(f"profile '{self.name}': strategy {self.strategy} starts processes on this machine "
+                              f"only (num_nodes {self.num_nodes})", "use strategy ddp, launched by torchrun on "
+                              "every node")
+        if self.strategy == "deepspeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError(f"profile '{self.name}': strategy deepspeed needs the deepspeed package, which "
+                                  "is not installed", "pip install deepspeed, or use strategy ddp (adapters) or "
+                                  "fsdp (full fine-tuning)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"profile '{self.name}': betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.lora_dropout < 1:

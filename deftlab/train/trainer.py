@@ -28,9 +28,11 @@ from deftlab.config import to_dict
 from deftlab.errors import CacheCorruptError, DeftlabError
 from deftlab.manifest import write_json_atomic
 from deftlab.train.datamodule import TaskDataModule
+from deftlab.train.distributed import SPAWNING, is_global_zero
 from deftlab.train.loggers import finish_loggers, make_loggers
 from deftlab.train.module import DeftLightningModule
 from deftlab.train.profiles import TrainProfile, resolve_precision
+from deftlab.train.strategies import make_strategy, strategy_name, unshard_to_rank0
 
 CKPT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -105,8 +107,10 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: list | bool = False,
-                  callbacks: list | None = None, progress: bool = True, accelerator: str = "auto") -> pl.Trainer:
-    """pl.Trainer with the preset's devices, precision, accumulation and step/epoch limits."""
+                  callbacks: list | None = None, progress: bool = True, accelerator: str = "auto",
+                  model: torch.nn.Module | None = None, optimizer: str = "adamw") -> pl.Trainer:
+    """pl.Trainer with the preset's devices, strategy, precision, accumulation and step/epoch limits (`model`:
+    the model to train, which strategy fsdp needs to find its decoder layers)."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CKPT_DIR
     # save_top_k=0 + save_last: only last.ckpt, rewritten every `save_every_n_steps` optimizer steps
@@ -122,7 +126,7 @@ def build_trainer(preset: TrainProfile, run_dir: str | os.PathLike, *, loggers: 
         accelerator=accelerator,
         devices=preset.devices,
         num_nodes=preset.num_nodes,
-        strategy=strategy_of(preset),
+        strategy=make_strategy(preset, model, optimizer),
         precision=resolve_precision(preset.precision),
         max_epochs=-1 if step_based else preset.epochs,
         max_steps=preset.max_steps if step_based else -1,
@@ -157,10 +161,14 @@ def _recover_from_spawned(module: DeftLightningModule, run_dir: Path) -> None:
 
 
 def strategy_of(preset: TrainProfile) -> str:
-    """Lightning's strategy: "auto" for one process; ddp_spawn (records stay in this process) for several."""
-    if preset.strategy == "auto" and preset.world_size > 1:
-        return "ddp_spawn"
-    return preset.strategy
+    """Lightning's strategy name: "auto" for one process; for several, ddp under torchrun, else ddp_spawn (records
+    stay in this process)."""
+    return strategy_name(preset)
+
+
+def loss_curve(losses: list[float], accumulate: int) -> list[float]:
+    """Per optimizer step: the mean of its micro-batches' losses (each already averaged over the ranks)."""
+    return [sum(losses[i:i + accumulate]) / len(losses[i:i + accumulate]) for i in range(0, len(losses), accumulate)]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -193,15 +201,23 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
     `model.named_parameters()`) and <run_dir>/train_stats.json. The model is trained in place and returned to
     eval mode. `loggers="auto"`: W&B (offline unless `wandb_mode`/WANDB_MODE say otherwise) + CSV under run_dir;
     False: no logging; or a list of Lightning loggers.
+
+    Several processes (profile devices × num_nodes > 1): spawned ones hand rank 0's trained tensors back to this
+    process; under torchrun every process calls fit, and only rank 0 logs and writes the files above (the others
+    return their statistics, with "global_rank" > 0). After fsdp, rank 0's model is unsharded (unshard_to_rank0).
+    Statistics hold "loss_curve": each optimizer step's mean loss over its micro-batches and processes.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if loggers == "auto" and not is_global_zero():
+        loggers = False  # W&B and CSV logs once, from rank 0 of a torchrun launch
     own_loggers = loggers == "auto"
     if own_loggers:
         loggers = make_loggers(run_dir, run_name=run_dir.name, wandb_mode=wandb_mode,
                                config={"preset": to_dict(preset), "task": task.describe()})
     pl.seed_everything(preset.seed, workers=True, verbose=False)
-    if preset.gradient_checkpointing:
+    strategy = strategy_of(preset)
+    if preset.gradient_checkpointing and strategy != "fsdp":  # FSDP checkpoints its own layer units
         enable_gradient_checkpointing(model)
     dm = datamodule or TaskDataModule(task, tokenizer, cutoff_len=preset.cutoff_len,
                                       micro_batch_size=preset.micro_batch_size, limit=preset.train_limit,
@@ -210,7 +226,7 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
                                  warmup_steps=preset.warmup_steps, schedule=preset.schedule,
                                  min_lr_ratio=preset.min_lr_ratio, optimizer=optimizer)
     trainer = build_trainer(preset, run_dir, loggers=loggers, callbacks=callbacks, progress=progress,
-                            accelerator=accelerator)
+                            accelerator=accelerator, model=model, optimizer=optimizer)
     ckpt_path = last_checkpoint(run_dir) if resume else None
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -227,8 +243,10 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         finally:
             if own_loggers:
                 finish_loggers(loggers, status)
-    if preset.world_size > 1:
+    if strategy in SPAWNING:
         _recover_from_spawned(module, run_dir)
+    elif strategy == "fsdp":
+        unshard_to_rank0(module, trainer)
     model.eval()
     stats = module.training_summary()
     stats.update({
@@ -237,11 +255,15 @@ def fit(model: torch.nn.Module, tokenizer, task, preset: TrainProfile, run_dir: 
         "precision": resolve_precision(preset.precision),
         "accumulate_grad_batches": preset.accumulate_grad_batches,
         "world_size": preset.world_size,
-        "strategy": strategy_of(preset),
+        "strategy": strategy,
+        "global_rank": trainer.global_rank,
+        "loss_curve": loss_curve(module.stats["losses"], preset.accumulate_grad_batches),
         "data": dm.stats,
         "preset": to_dict(preset),
         "task": task.name,
     })
+    if trainer.global_rank != 0:  # a launched process other than rank 0: trained; rank 0 writes the files
+        return stats
     save_safetensors_atomic(trainable_state(model), run_dir / FINAL_WEIGHTS, {"global_step": str(stats["global_step"])})
     write_json_atomic(run_dir / TRAIN_STATS, stats)
     return stats
