@@ -12,14 +12,14 @@ RUN_FLAGS ?=
 
 DEFT_TABLES := table1 table2 table3 table4 table5 table6 table7 table8 table9 table10 table11 table12 table13 table14
 WELORE_TABLES := welore-table1 welore-table2 welore-table3 welore-table4 welore-table5 welore-table6 welore-table7
-OTHER_TABLES := osd compression methods
+OTHER_TABLES := osd compression methods baselines
 PAPER_FIGURES := fig5a fig5b fig6 fig7 welore-fig6
 FIGURE_SCRIPTS := $(PAPER_FIGURES) osd
 EXPERIMENT_TABLES := $(DEFT_TABLES) $(WELORE_TABLES) $(OTHER_TABLES)
 
 .PHONY: $(EXPERIMENT_TABLES) $(PAPER_FIGURES) figures experiments-all experiments-list experiments-dry-run all
 
-$(DEFT_TABLES) $(WELORE_TABLES) compression methods:
+$(DEFT_TABLES) $(WELORE_TABLES) compression methods baselines:
 	$(DEFTLAB) run $@ --preset $(PRESET) $(RUN_FLAGS)
 
 osd:

@@ -6,6 +6,7 @@
 | lora     | LoRA A/B (PEFT)                            | as given (dense and/or LowRankLinear factors)       |
 | qlora    | LoRA A/B (PEFT)                            | NF4: dense linears and LowRankLinear factors         |
 | loftq    | LoRA A/B, LoftQ init (PEFT's on CUDA)      | NF4: dense linears and LowRankLinear factors         |
+| dora     | LoRA A/B and magnitudes (PEFT's DoRA)      | as given (dense linears only)                       |
 | full     | every parameter (factors included)         | as given (must not be 4-bit)                        |
 | lrc      | u_proj/v_proj of LRC matrices (WeLore)     | as given; N-LRC, embeddings, norms, head frozen     |
 | series   | W_down/W_up of adapters after the MLPs     | as given (dense, factored or reduced)               |
@@ -125,6 +126,9 @@ def attach(
             "init 'deft' on a decomposed model needs deft_tails",
             "pass the tails from build_decomposed_model(init='deft', lora_rank=r) or set init 'vanilla'",
         )
+    if cfg.kind == "dora" and _has_lowrank(model):
+        raise DeftlabError("DoRA on a decomposed model: PEFT's DoRA layer needs the dense weight's column norms",
+                           "use method dense with adapter dora (the DoRA baseline), or adapter lora")
     if cfg.kind == "qlora":
         check_4bit_support(next(model.parameters()).device)
         quantize_for_qlora(model, skip=DEFAULT_SKIP)
@@ -137,7 +141,8 @@ def attach(
         )
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, _lora_config(model, cfg, targets))
+    extra = {"use_dora": True} if cfg.kind == "dora" else {}
+    peft_model = get_peft_model(model, _lora_config(model, cfg, targets, **extra))
     if tails:
         copy_tails(peft_model, tails)
     return peft_model
@@ -221,7 +226,8 @@ def _attach_loftq_deftlab(model: nn.Module, cfg: AdapterConfig, tails: Mapping[s
             inits[name] = LoraTail(B=B, A=A, scaling=cfg.scaling)
     # fp32 absmax (no double quantisation): re-quantising the NF4 values LoftQ chose stores exactly them
     quantize_for_qlora(model, skip=DEFAULT_SKIP, compress_statistics=False)
-    peft_model = get_peft_model(model, _lora_config(model, cfg, targets))
+    extra = {"use_dora": True} if cfg.kind == "dora" else {}
+    peft_model = get_peft_model(model, _lora_config(model, cfg, targets, **extra))
     copy_tails(peft_model, inits)
     return peft_model
 

@@ -9,9 +9,9 @@ from typing import Literal
 
 from deftlab.config import ConfigError, from_dict
 
-AdapterKind = Literal["none", "lora", "qlora", "loftq", "full", "lrc", "series", "parallel"]
+AdapterKind = Literal["none", "lora", "qlora", "loftq", "dora", "full", "lrc", "series", "parallel"]
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_KINDS = ("lora", "qlora", "loftq")
+LORA_KINDS = ("lora", "qlora", "loftq", "dora")
 BOTTLENECK_KINDS = ("series", "parallel")
 NonLinearity = Literal["tanh", "relu", "gelu", "silu"]
 BOTTLENECK_FIELDS = ("bottleneck_size", "adapter_scaling", "non_linearity", "bottleneck_targets")
@@ -20,6 +20,7 @@ BOTTLENECK_FIELDS = ("bottleneck_size", "adapter_scaling", "non_linearity", "bot
 @dataclass
 class AdapterConfig:
     """kind: none (frozen) | lora | qlora (NF4 base + LoRA) | loftq (LoftQ init; PEFT's on CUDA)
+    | dora (PEFT's DoRA: LoRA on the direction plus a trained magnitude per output; dense linears only)
     | full (everything trainable) | lrc (WeLore: only the factors of low-rank components train)
     | series / parallel (LLM-Adapters' bottleneck adapters, deftlab.adapters.bottleneck).
 

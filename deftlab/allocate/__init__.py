@@ -1,7 +1,7 @@
 """Rank allocation: which rank θ each decomposed matrix keeps under a global budget.
 
-One interface, four methods: ``allocate(spectra, method, keep=... | err=..., **kw)`` with method in
-{"deft", "welore", "owl", "uniform"}. All are pure functions of the singular values (plus α / outlier ratios).
+One interface, six methods: ``allocate(spectra, method, keep=... | err=..., **kw)`` with method in
+{"deft", "welore", "owl", "uniform", "svdllm", "asvd"}. All are pure functions of the singular values (plus α / outlier ratios).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from deftlab.allocate.asvd import asvd_allocate
 from deftlab.allocate.base import (
     LRC_RATIO,
     Allocation,
@@ -23,13 +24,14 @@ from deftlab.allocate.base import (
 )
 from deftlab.allocate.deft import deft_search
 from deftlab.allocate.owl import layer_outlier_ratios, owl_allocate
+from deftlab.allocate.svdllm import svdllm_allocate
 from deftlab.allocate.uniform import uniform_allocate
 from deftlab.allocate.welore import welore_allocate
 from deftlab.errors import DeftlabError, UnknownNameError
 
-__all__ = ["ALLOCATORS", "LRC_RATIO", "Allocation", "MatrixSpectrum", "Target", "allocate", "break_even_rank",
+__all__ = ["ALLOCATORS", "LRC_RATIO", "asvd_allocate", "Allocation", "MatrixSpectrum", "Target", "allocate", "break_even_rank",
            "deft_search", "dense_params", "energy", "factored_params", "layer_outlier_ratios", "lrc_labels",
-           "owl_allocate", "stored_params", "uniform_allocate", "welore_allocate"]
+           "owl_allocate", "stored_params", "svdllm_allocate", "uniform_allocate", "welore_allocate"]
 
 
 def _deft(spectra, target: Target, **kw) -> Allocation:
@@ -47,6 +49,14 @@ def _owl(spectra, target: Target, **kw) -> Allocation:
     return owl_allocate(spectra, err=target.err, keep=target.keep, **kw)
 
 
+def _asvd(spectra, target: Target, **kw) -> Allocation:
+    return asvd_allocate(spectra, err=target.err, keep=target.keep, **kw)
+
+
+def _svdllm(spectra, target: Target, **kw) -> Allocation:
+    return svdllm_allocate(spectra, err=target.err, keep=target.keep, **kw)
+
+
 def _uniform(spectra, target: Target, **kw) -> Allocation:
     return uniform_allocate(spectra, err=target.err, keep=target.keep, **kw)
 
@@ -57,6 +67,8 @@ ALLOCATORS: dict[str, tuple[Callable, Callable]] = {
     "welore": (_welore, welore_allocate),
     "owl": (_owl, owl_allocate),
     "uniform": (_uniform, uniform_allocate),
+    "svdllm": (_svdllm, svdllm_allocate),
+    "asvd": (_asvd, asvd_allocate),
 }
 _TARGET_ARGS = {"spectra", "keep", "err"}
 

@@ -35,7 +35,7 @@ def add_parser(sub, name):
     param_flag(p, CC, "calib", help="calibration task: arith | xsum | math | c4 | wikitext2 | generated")
     param_flag(p, CC, "calib_n", type=int, help="calibration examples (DeFT's value)")
     param_flag(p, CC, "calib_seed", type=int)
-    param_flag(p, CC, "allocator", choices=["deft", "welore", "owl", "uniform"])
+    param_flag(p, CC, "allocator", choices=["deft", "welore", "owl", "uniform", "svdllm", "asvd", "wanda"])
     param_flag(p, CC, "keep", type=float, help="fraction of decoder-linear parameters preserved")
     param_flag(p, CC, "keep_of", choices=["linears", "model"],
                help="what --keep is a fraction of: the decoder linears or the whole model (the DeFT paper's)")
@@ -45,7 +45,7 @@ def add_parser(sub, name):
     param_flag(p, CC, "err", type=float, help="effective rank reduction ratio (WeLore ERR)")
     param_flag(p, CC, "eta", type=float, help="importance weight η (DeFT; 0 ignores α)")
     param_flag(p, CC, "group", type=int, help="rank cut size G (DeFT)")
-    param_flag(p, CC, "svd", choices=["whitened", "plain"])
+    param_flag(p, CC, "svd", choices=["whitened", "plain", "asvd"])
     add_blockwise_flag(p)
     p.add_argument("--shard", default=None, metavar="I/N|auto",
                    help="only fill part I of N of the decomposition cache and stop (N processes or machines share "

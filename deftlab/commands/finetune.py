@@ -27,8 +27,9 @@ def add_parser(sub, name):
                     "evaluates the model as loaded.")
     add_common_model_args(p)
     param_flag(p, FT, "task", help="arith | generated | xsum | math | text")
-    param_flag(p, FT, "method", choices=["dense", "deft", "welore"])
-    param_flag(p, FT, "adapter", choices=["none", "lora", "qlora", "loftq", "full", "lrc", "series", "parallel"],
+    param_flag(p, FT, "method", choices=["dense", "deft", "welore", "svdllm", "asvd", "wanda"])
+    param_flag(p, FT, "adapter", choices=["none", "lora", "qlora", "loftq", "dora", "full", "lrc", "series",
+                                         "parallel"],
                help="series/parallel: LLM-Adapters' bottleneck adapters on each MLP")
     param_flag(p, FT, "init", choices=["deft", "vanilla"], show_default=False,
                help="LoRA init on a decomposed model (default: deft for --method deft, else vanilla)")
@@ -40,13 +41,18 @@ def add_parser(sub, name):
     param_flag(d, FT, "err", type=float, help="effective rank reduction (WeLore)")
     param_flag(d, FT, "eta", type=float, help="importance weight η of the DeFT search")
     param_flag(d, FT, "group", type=int, help="rank cut size G of the DeFT search")
-    param_flag(d, FT, "allocator", choices=["deft", "welore", "owl", "uniform"], show_default=False,
+    param_flag(d, FT, "allocator", choices=["deft", "welore", "owl", "uniform", "svdllm", "asvd", "wanda"], show_default=False,
                help="rank allocator (default: the method's)")
-    param_flag(d, FT, "svd", choices=["whitened", "plain"], show_default=False, help="default: the method's")
+    param_flag(d, FT, "svd", choices=["whitened", "plain", "asvd"], show_default=False, help="default: the method's")
     param_flag(d, FT, "calib", show_default=False, help="calibration data (default: the task's training text)")
     param_flag(d, FT, "calib_n", type=int, help="calibration examples")
     param_flag(d, FT, "calib_seed", type=int)
     add_blockwise_flag(d)
+    d.add_argument("--wanda-owl", dest="wanda_owl", action="store_const", const=True, default=None,
+                   help="method wanda: OWL's per-block sparsities instead of one sparsity everywhere")
+    param_flag(d, FT, "match_memory_keep", type=float, show_default=False,
+               help="matched-memory baseline (method dense, adapter qlora): the largest LoRA rank whose planned "
+                    "fine-tuning peak is at most QLoRA + DeFT's at this keep of the model")
     t = p.add_argument_group("training (unset: the profile's value)")
     for name, typ in (("lr", float), ("lora_r", int), ("lora_alpha", float), ("seed", int), ("epochs", int),
                       ("max_steps", int), ("train_limit", int), ("batch_size", int), ("micro_batch_size", int),

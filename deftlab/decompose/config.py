@@ -15,11 +15,16 @@ from deftlab.allocate.base import Target
 from deftlab.config import ConfigError, field_default, from_params
 from deftlab.decompose.targets import DEFAULT_TARGETS
 
-Allocator = Literal["deft", "welore", "owl", "uniform", "none"]
+ASVD_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ASVD's sensitivity ratios (since its commit 1d213d5)
+
+Allocator = Literal["deft", "welore", "owl", "uniform", "svdllm", "asvd", "wanda", "none"]
 # fine-tuning method -> the decomposition params it implies when they are unset
 METHOD_DEFAULTS: dict[str, dict[str, str]] = {
     "deft": {"allocator": "deft", "svd": "whitened"},
     "welore": {"allocator": "welore", "svd": "plain"},
+    "svdllm": {"allocator": "svdllm", "svd": "whitened"},  # SVD-LLM: whitening, one ratio everywhere
+    "asvd": {"allocator": "asvd", "svd": "asvd"},  # ASVD: activation scaling + sensitivity search
+    "wanda": {"allocator": "wanda"},  # pruning + LoRA at DeFT's parameter count
 }
 # task -> its calibration corpus (deftlab.data.calibration): DeFT calibrates on the task's own training text
 TASK_CALIB = {"arith": "arith", "generated": "generated", "xsum": "xsum", "math": "math", "text": "c4"}
@@ -28,7 +33,11 @@ OUTLIER_THRESHOLD = 5.0  # α counts |A| > 5 × mean|A| (DeFT eq. 4, after OWL)
 
 @dataclass(frozen=True)
 class DecompositionConfig:
-    """allocator: deft (Algorithm 1) | welore | owl | uniform | none (no decomposition). svd: whitened (SVD-LLM,
+    """allocator: deft (Algorithm 1) | welore | owl | uniform | svdllm (θ = ⌊mnρ/(m+n)⌋, ρ = keep) | wanda
+    (unstructured pruning, no SVD: Wanda scores, per-row masks; wanda_owl: OWL's per-block sparsities) | asvd
+    (ASVD's sensitivity search: each matrix truncated alone at each of asvd_ratios, perplexity on asvd_sensitivity_n
+    calibration examples) | none (no decomposition). svd: asvd (ASVD's activation scaling, exponent asvd_alpha) |
+    whitened (SVD-LLM,
     Cholesky of the input Gram) | plain. Budget: exactly one of keep (fraction of decoder-linear parameters
     preserved) and err (effective rank reduction); the DeFT search takes keep. keep_of: what keep is a fraction
     of, the decoder linears' parameters (default) or the whole model's (the DeFT paper's ~85%: 5.73B of
@@ -44,7 +53,7 @@ class DecompositionConfig:
     calibration) needs the whole-model pass."""
 
     allocator: Allocator = "deft"
-    svd: Literal["whitened", "plain"] = "whitened"
+    svd: Literal["whitened", "plain", "asvd"] = "whitened"
     keep: float | None = None
     err: float | None = None
     keep_of: Literal["linears", "model"] = "linears"
@@ -61,6 +70,10 @@ class DecompositionConfig:
     welore_factor: Literal["break-even", "lrc"] = "break-even"
     targets: tuple[str, ...] = DEFAULT_TARGETS
     blockwise: bool = False
+    wanda_owl: bool = False
+    asvd_alpha: float = 0.5
+    asvd_ratios: tuple[float, ...] = ASVD_RATIOS
+    asvd_sensitivity_n: int = 32  # ASVD: 32 calibration sequences
 
     def validate(self) -> None:
         if self.allocator == "none":
@@ -69,14 +82,28 @@ class DecompositionConfig:
                                   "drop keep/err, or choose an allocator (deft, welore, owl, uniform)")
         else:
             Target(keep=self.keep, err=self.err)  # exactly one of keep / err, each in range
-            if self.allocator == "deft" and self.keep is None:
-                raise ConfigError("the DeFT search takes a parameter budget", "pass keep= instead of err=")
+            if self.allocator in ("deft", "svdllm", "wanda", "asvd") and self.keep is None:
+                raise ConfigError(f"allocator {self.allocator} takes a parameter budget", "pass keep= instead of err=")
         for name in ("group", "calib_n", "calib_max_length", "calib_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}",
                                   f"set {name} above 0, or leave it unset")
         if self.eta < 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta}", "e.g. eta=1 (0 ignores the outlier ratios)")
+        if self.blockwise and self.allocator == "wanda":
+            raise ConfigError("blockwise builds decomposed layers from the cache; Wanda prunes the loaded weights",
+                              "set blockwise false for allocator wanda")
+        if self.allocator == "asvd" and self.svd != "asvd":
+            raise ConfigError(f"allocator asvd with svd {self.svd}: ASVD measures its own decomposition's sensitivity",
+                              "set svd asvd (method asvd does)")
+        if self.blockwise and self.svd == "asvd":
+            raise ConfigError("blockwise with svd asvd", "set blockwise false: ASVD's search runs the whole model")
+        if not (0 < self.asvd_alpha <= 1 and self.asvd_sensitivity_n > 0 and self.asvd_ratios
+                and all(0 < r < 1 for r in self.asvd_ratios)):
+            raise ConfigError(f"ASVD settings alpha={self.asvd_alpha}, ratios={self.asvd_ratios}, "
+                              f"sensitivity_n={self.asvd_sensitivity_n}", "alpha in (0, 1], ratios in (0, 1), n > 0")
+        if self.wanda_owl and self.allocator != "wanda":
+            raise ConfigError(f"wanda_owl with allocator {self.allocator}", "use allocator wanda, or drop wanda_owl")
         if self.blockwise and self.allocator == "owl":
             raise ConfigError("blockwise decomposition frees each block's Grams, which OWL's ratios read afterwards",
                               "set blockwise false for allocator owl")
@@ -90,7 +117,7 @@ class DecompositionConfig:
     @property
     def needs_stats(self) -> bool:
         """Whether calibration statistics are needed: whitening, OWL's ratios or the search's α."""
-        return self.decomposes and (self.svd == "whitened" or self.allocator == "owl"
+        return self.decomposes and (self.svd == "whitened" or self.allocator in ("owl", "wanda")
                                     or (self.allocator == "deft" and self.eta != 0))
 
     @staticmethod

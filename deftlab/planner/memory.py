@@ -211,6 +211,24 @@ def largest_batch(arch: Architecture, setup: TrainSetup, device_bytes: float) ->
     return max(0, int((device_bytes - fixed) // one.per_sequence))
 
 
+def matched_lora_rank(arch: Architecture, setup: TrainSetup, keep: float) -> tuple[int, float, float]:
+    """The matched-memory baseline: the largest LoRA rank r' ≤ setup.lora_r at which dense QLoRA's fine-tuning peak
+    is at most QLoRA + DeFT's at `keep` (same batch, length, targets, optimizer, checkpointing).
+
+    bitsandbytes has nothing below 4 bits, so the rank is the knob a QLoRA user has; the comparison then asks
+    whether DeFT's saving is worth more than the LoRA capacity it buys. Returns (r', dense bytes at r', DeFT bytes).
+    Raises when even rank 1 does not fit (the dense NF4 weights alone exceed it: large models at small budgets)."""
+    target = finetune_phase(arch, replace(setup, adapter="qlora", keep=keep)).total
+    for r in range(setup.lora_r, 0, -1):
+        dense = finetune_phase(arch, replace(setup, adapter="qlora", keep=None, lora_r=r)).total
+        if dense <= target:
+            return r, dense, target
+    dense = finetune_phase(arch, replace(setup, adapter="qlora", keep=None, lora_r=1)).total
+    raise DeftlabError(f"dense QLoRA needs {dense / 2**30:.2f} GiB even at LoRA rank 1, more than QLoRA + DeFT's "
+                       f"{target / 2**30:.2f} GiB at keep {keep}: no LoRA rank matches its memory",
+                       "compare at a larger keep, or on a smaller model")
+
+
 def gram_bytes(arch: Architecture) -> dict[str, float]:
     """float64 Grams of one block (one per distinct linear input) and of the whole model."""
     block = 8.0 * sum(n * n for n in arch.gram_widths().values())

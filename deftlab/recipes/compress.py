@@ -4,6 +4,7 @@ perplexity. Run kind "compress"; also the first half of every decomposed fine-tu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,10 +18,12 @@ import torch
 from deftlab import settings
 from deftlab.allocate import MatrixSpectrum, allocate
 from deftlab.allocate.base import linear_keep, model_keep_fraction, total_dense
-from deftlab.allocate.owl import layer_outlier_ratios
+from deftlab.allocate.owl import layer_outlier_ratios, owl_ratio_offsets
 from deftlab.config import ConfigError, from_params, replace, to_dict
 from deftlab.data.calibration import calibration_texts, fingerprint
 from deftlab.decompose.cache import DecompositionCache, decomposition_key
+from deftlab.decompose.asvd import activation_scale, collect_abs_mean, scaled_svd
+from deftlab.decompose.asvd import sensitivity as asvd_sensitivity
 from deftlab.decompose.blockwise import ShardReader, collect_statistics_blockwise
 from deftlab.decompose.calibration import CalibrationStats, collect_statistics, stats_key, token_batches
 from deftlab.decompose.config import OUTLIER_THRESHOLD, DecompositionConfig
@@ -30,6 +33,7 @@ from deftlab.errors import CacheCorruptError
 from deftlab.eval.corpora import alpaca_text
 from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
 from deftlab.models import ModelConfig
+from deftlab.prune import Pruning, apply_masks, block_sparsities, wanda_mask
 from deftlab.settings import cache_dir
 from deftlab.surgery.params import count_params
 from deftlab.surgery.quantize import nf4_finalizer
@@ -173,6 +177,8 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         return lm.model, report
     linears = target_linears(lm.model, dcfg.targets)
     shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+    if dcfg.allocator == "wanda":
+        return prune_model(dcfg, lm, linears, report, data_dir=data_dir, cache_root=cache_root)
     shard = launch_shard()
     if dcfg.blockwise:
         alpha, skey, cache = blockwise_decomposition(dcfg, lm, data_dir=data_dir, cache_root=cache_root, shard=shard)
@@ -181,6 +187,9 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         decs = cache.lazy(linears)
         sigmas = {n: cache.sigma(n) for n in linears}
         weights = grams = None
+    elif dcfg.svd == "asvd":
+        decs, cache, skey, sens = asvd_decomposition(dcfg, lm, linears, data_dir=data_dir, cache_root=cache_root)
+        sigmas, alpha, weights = {n: d.sigma for n, d in decs.items()}, None, None
     else:
         stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
         alpha = stats.alpha if stats else None
@@ -203,6 +212,8 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
                                                       M=dcfg.owl_m), "lamda": dcfg.owl_lamda}
     elif dcfg.allocator == "welore":
         kw = {"min_ratio": dcfg.welore_min_ratio, "factor": dcfg.welore_factor}
+    elif dcfg.allocator == "asvd":
+        kw = {"sensitivity": sens()}
     keep = dcfg.keep
     if keep is not None and dcfg.keep_of == "model":
         keep = linear_keep(keep, params_before, total_dense(spectra))
@@ -221,6 +232,73 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
     report.update(allocation=alloc, lora_tails=tails, alpha=alpha, stats_key=skey,
                   decomposition_dir=str(cache.dir), params_after=count_params(lm.model)["total"],
                   seconds=time.time() - t0)
+    return lm.model, report
+
+
+def asvd_decomposition(dcfg: DecompositionConfig, lm, linears: dict, *, data_dir=None,
+                       cache_root: Path | None = None):
+    """ASVD's activation-scaled decompositions (cached like the others, keyed by the calibration set and α), and a
+    callable giving ASVD's sensitivity table (computed once per cache, then read from sensitivity-*.json)."""
+    batches, skey = _calibration_batches(dcfg, lm, data_dir)
+    root = Path(cache_root) / "decompositions" if cache_root else None
+    cache = DecompositionCache(decomposition_key(lm.fingerprint, f"asvd:{dcfg.asvd_alpha:g}:{skey}", dcfg.targets),
+                               meta={"model": lm.spec.name, "svd": "asvd", "stats": skey, "alpha": dcfg.asvd_alpha},
+                               root=root)
+    decs = {n: cache.get(n) for n in linears}
+    missing = [n for n, d in decs.items() if d is None]
+    if missing:
+        abs_mean = collect_abs_mean(lm.model, {n: linears[n] for n in missing}, batches)
+        for n in missing:
+            decs[n] = scaled_svd(linears[n].weight, activation_scale(abs_mean[n], dcfg.asvd_alpha))
+            cache.put(n, decs[n])
+        cache.flush()
+
+    def sens() -> dict[str, dict[float, float]]:
+        tag = hashlib.sha256(json.dumps([dcfg.asvd_sensitivity_n, list(dcfg.asvd_ratios)]).encode()).hexdigest()[:12]
+        path = cache.dir / f"sensitivity-{tag}.json"
+        if path.is_file():
+            return {n: {float(r): v for r, v in row.items()} for n, row in json.loads(path.read_text()).items()}
+        examples, subset = 0, []
+        for b in batches:  # the first asvd_sensitivity_n calibration examples
+            if examples >= dcfg.asvd_sensitivity_n:
+                break
+            subset.append({k: v[: dcfg.asvd_sensitivity_n - examples] for k, v in b.items()})
+            examples += len(subset[-1]["input_ids"])
+        table = asvd_sensitivity(lm.model, linears, decs, subset, ratios=dcfg.asvd_ratios)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+        return table
+
+    return decs, cache, skey, sens
+
+
+def prune_model(dcfg: DecompositionConfig, lm, linears: dict, report: dict, *, data_dir=None,
+                cache_root: Path | None = None):
+    """Wanda pruning at the budget (`allocator: wanda`): the target linears keep `keep` of their weights (of the
+    whole model with keep_of "model", as DeFT counts), the lowest |W|·‖x‖ of every row zeroed, one sparsity per
+    block (uniform, or OWL's map with `wanda_owl`). The weights stay dense tensors; report["allocation"] is a
+    `deftlab.prune.Pruning`."""
+    t0 = time.time()
+    stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root)
+    sq = {n: torch.diagonal(stats.gram(n)) for n in linears}
+    layer_of = {n: layer_index(n) for n in linears}
+    dense = sum(m.weight.numel() for m in linears.values())
+    keep = dcfg.keep if dcfg.keep_of == "linears" else linear_keep(dcfg.keep, report["params_before"], dense)
+    layers = sorted(set(layer_of.values()))
+    offsets = None
+    if dcfg.wanda_owl:
+        ratios = layer_outlier_ratios({n: m.weight for n, m in linears.items()}, sq, layer_of, M=dcfg.owl_m)
+        offsets = owl_ratio_offsets(ratios, layers, dcfg.owl_lamda)
+    per_block = block_sparsities(1.0 - keep, layers, offsets)
+    masks = {n: wanda_mask(m.weight, sq[n], per_block[layer_of[n]]) for n, m in linears.items()}
+    apply_masks(linears, masks)
+    pruning = Pruning(sparsity={n: 1.0 - float(k.float().mean()) for n, k in masks.items()},
+                      kept={n: int(k.sum()) for n, k in masks.items()},
+                      shapes={n: (m.out_features, m.in_features) for n, m in linears.items()}, layer=layer_of,
+                      info={"target_sparsity": 1.0 - keep, "block_sparsity": per_block, "owl": dcfg.wanda_owl})
+    report.update(allocation=pruning, alpha=stats.alpha, stats_key=skey, params_after=report["params_before"],
+                  params_nonzero=report["params_before"] - dense + pruning.params_kept, seconds=time.time() - t0)
     return lm.model, report
 
 

@@ -61,7 +61,7 @@ class EfficiencyConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     decomposition: DecompositionConfig | None = None
-    method: Literal["dense", "deft", "welore"] = "dense"
+    method: Literal["dense", "deft", "welore", "svdllm", "asvd", "wanda"] = "dense"
     adapter: AdapterKind = "qlora"
     init: Literal["deft", "vanilla"] | None = None
     mode: Literal["train", "inference"] = "train"

@@ -60,7 +60,7 @@ ZERO_SHOT_DIR = "eval_zero_shot"
 PEAK_FILE = "train_peak_memory.json"
 PPL_FILE = "perplexity.json"
 
-Method = Literal["dense", "deft", "welore"]
+Method = Literal["dense", "deft", "welore", "svdllm", "asvd", "wanda"]
 # training-profile fields a run may override
 PROFILE_OVERRIDES = ("lr", "lora_r", "lora_alpha", "seed", "eval_limit", "train_limit", "max_steps", "epochs",
                      "max_new_tokens", "batch_size", "micro_batch_size", "cutoff_len", "gradient_checkpointing",
@@ -72,7 +72,9 @@ class FinetuneConfig:
     """One fine-tuning run; built from flat run params with `from_params` (see deftlab.config).
 
     method: dense (no decomposition) | deft (whitened SVD + DeFT search, LoRA from the spectrum's tail) | welore
-    (plain SVD + WeLore's global threshold; typically with adapter "lrc"). A decomposed method's `decomposition`
+    (plain SVD + WeLore's global threshold; typically with adapter "lrc") | svdllm (whitened SVD, one kept ratio
+    per matrix; LoRA from the standard init) | asvd (activation-scaled SVD + ASVD's sensitivity search) | wanda (Wanda pruning to the budget, then the adapter on the masked
+    dense weights). A decomposed method's `decomposition`
     (keep / err, calibration, ...) takes the method's allocator/SVD and the task's calibration text where the
     params leave them unset (`DecompositionConfig.method_params`). Training and evaluation hyper-parameters come
     from the training profile configs/profiles/<profile>.yaml; lr, lora_r, lora_alpha, seed, eval_limit,
@@ -122,12 +124,18 @@ class FinetuneConfig:
     bottleneck_targets: tuple[str, ...] | None = None
     # LoRA/QLoRA target linears (None: the profile's); OPT names its linears q,k,v,out_proj, fc1, fc2 (DeFT Table 7)
     lora_target_modules: tuple[str, ...] | None = None
+    # matched-memory baseline: dense QLoRA at the largest LoRA rank whose planned fine-tuning peak is at most
+    # QLoRA + DeFT's at this keep (deftlab.planner.memory.matched_lora_rank); resolve() sets lora_r
+    match_memory_keep: float | None = None
 
     @classmethod
     def from_params(cls, params: dict) -> "FinetuneConfig":
         return method_config(cls, params)
 
     def validate(self) -> None:
+        if self.match_memory_keep is not None and (self.method != "dense" or self.adapter != "qlora"):
+            raise ConfigError(f"match_memory_keep with method {self.method} / adapter {self.adapter}",
+                              "the matched-memory baseline is method dense with adapter qlora")
         if self.strategy == "fsdp" and self.adapter != "full":
             raise ConfigError(f"strategy fsdp with adapter '{self.adapter}': FSDP here shards full fine-tuning only",
                               "use --adapter full, or strategy ddp for adapters")
@@ -188,11 +196,31 @@ class FinetuneConfig:
         changes["model"] = self.model.resolve()
         changes["ppl_stage"] = self.ppl_stage or ("after" if self.task == "text" or self.method == "welore"
                                                   else "before")
+        if self.match_memory_keep is not None:
+            changes["lora_r"] = self._matched_rank(changes.get("lora_r", self.lora_r),
+                                                   changes.get("micro_batch_size", self.micro_batch_size),
+                                                   changes.get("cutoff_len", self.cutoff_len),
+                                                   changes.get("gradient_checkpointing", self.gradient_checkpointing))
         if self.adapter in BOTTLENECK_KINDS:  # record the values used (AdapterConfig's defaults)
             defaults = AdapterConfig(kind=self.adapter)
             changes.update({n: getattr(defaults, n) if getattr(self, n) is None else getattr(self, n)
                             for n in BOTTLENECK_FIELDS})
         return replace(self, **changes)
+
+    def _matched_rank(self, r: int, batch: int, seq: int, ckpt: bool) -> int:
+        from deftlab.planner.architecture import load_architecture
+        from deftlab.planner.memory import TrainSetup, matched_lora_rank
+
+        targets = self.lora_target_modules or AdapterConfig(kind="qlora").target_modules
+        device = "cuda" if self.model.resolve().device.startswith("cuda") else "cpu"
+        setup = TrainSetup("qlora", batch, seq, keep_of=self.decomposition_keep_of, lora_r=r,
+                           lora_targets=tuple(targets), grad_ckpt=bool(ckpt), device=device,
+                           compute="bf16" if device == "cuda" else "fp32", optimizer=self.optimizer)
+        return matched_lora_rank(load_architecture(self.model.model), setup, self.match_memory_keep)[0]
+
+    @property
+    def decomposition_keep_of(self) -> str:
+        return self.decomposition.keep_of if self.decomposition is not None else "model"
 
     def _default_eval_sets(self, profile) -> list[str]:
         if profile.eval_sets and self.task == "arith":
@@ -466,6 +494,8 @@ def run_finetune(params: dict, run_dir: str | Path, *, progress: bool = True, wa
     if alloc is not None and lead:
         alloc.to_frame().to_csv(run_dir / "allocation.csv", index=False)
         metrics.update(allocation_metrics(alloc, report["params_dense"]))
+    if (report["compress"] or {}).get("params_nonzero") is not None:  # pruning: dense tensors, zeros not counted
+        metrics["params_nonzero"] = report["compress"]["params_nonzero"]
     if report["folded_tails"]:
         metrics["tails_folded"] = len(report["folded_tails"])
     if report.get("notes"):

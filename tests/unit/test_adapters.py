@@ -118,7 +118,7 @@ def test_adapter_config_validates():
     with pytest.raises(ConfigError, match="unknown key"):
         AdapterConfig.from_dict({"kind": "lora", "rank": 8})
     with pytest.raises(ConfigError, match="is not one of"):
-        AdapterConfig.from_dict({"kind": "dora"})
+        AdapterConfig.from_dict({"kind": "vera"})
     with pytest.raises(ConfigError, match="r: 0"):
         AdapterConfig.from_dict({"kind": "qlora", "r": 0})
     with pytest.raises(ConfigError, match="train_norms"):

@@ -103,7 +103,7 @@ def test_every_registered_experiment_loads_expands_and_has_all_presets():
         # smoke runs the tiny model only, so `make all PRESET=smoke` stays fast
         for spec in expand(exp, "smoke"):
             assert spec.params.get("model", "tiny") == "tiny", (name, spec.params)
-    assert len(smoke_runs) <= 88
+    assert len(smoke_runs) <= 100  # baselines added 9 tiny runs (~1 min)
     for fig in ("fig5a", "fig5b", "fig6", "fig7"):
         assert exps[fig].figure is not None
         assert (REPO / "paper_figures" / f"{fig}.py").is_file()
