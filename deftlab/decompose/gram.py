@@ -24,6 +24,12 @@ def block_bounds(d: int, blocks: int | None = None) -> list[int]:
     return [round(i * d / blocks) for i in range(blocks + 1)]
 
 
+def upper_gram_macs(d: int, bounds: list[int] | None = None) -> int:
+    """Multiply-adds per token of ``add_upper_gram`` on d columns (d² for the full product)."""
+    bounds = block_bounds(d) if bounds is None else bounds
+    return sum((hi - lo) * (d - lo) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+
 def add_upper_gram(acc: Tensor, x: Tensor, bounds: list[int]) -> None:
     """acc[j, j:] += X[:, j]ᵀ X[:, j:] for every column block j (block upper triangle, in place).
 

@@ -91,3 +91,26 @@ def test_calibration_runs_the_backbone_only(setup):
     assert calls == []  # no logits computed
     assert calibration_body(model, [model.model.layers[0].mlp.up_proj]) is model.model
     assert calibration_body(model, [model.lm_head]) is model  # a target outside the backbone: whole model
+
+
+def test_outlier_counts_pool_over_batches_of_different_shapes(setup):
+    """Several padded batches of different lengths (the collector reuses its buffers across them): α is the
+    pooled count of |A| > T·(that batch's mean) over non-padding entries, for every target."""
+    model, batches = setup
+    st = collect_statistics(model, batches, threshold=2.0, progress=False)
+    names = list(st.alpha)
+    outs = {n: [] for n in names}
+    hs = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs[n].append(o.detach()))
+          for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hs:
+        h.remove()
+    for n in names:
+        count = entries = 0
+        for o, b in zip(outs[n], batches):
+            a = o.reshape(-1, o.shape[-1])[b["attention_mask"].reshape(-1).bool()].abs()
+            count += int((a > 2.0 * (a.sum() / a.numel())).sum())
+            entries += a.numel()
+        assert st.alpha[n] == pytest.approx(count / entries, rel=1e-6, abs=1e-9), n
