@@ -21,6 +21,8 @@ COMMANDS = {
     "delta": "delta",
     "demo": "demo",
     "plan": "plan",
+    "eval-lm": "eval_lm",
+    "export": "export",
 }
 
 

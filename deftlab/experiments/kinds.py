@@ -128,6 +128,10 @@ BUILTIN: dict[str, Kind] = {
         cost_s={"smoke": 3, "cpu-small": 300, "gpu": 600, "paper": 1800},
         description="training memory and throughput vs batch size",
         fingerprint=profile_fingerprint),
+    "lm_eval": Kind(
+        "lm_eval", "deftlab.recipes.lm_eval_run:run_lm_eval", config="deftlab.recipes.lm_eval_run:resolved_config",
+        cost_s={"smoke": 30, "cpu-small": 1800, "gpu": 900, "paper": 3 * 3600},
+        description="lm-evaluation-harness tasks (local deftlab_* sets, zeroshot7) on a model or a run's model"),
     "toy": Kind("toy", toy_run, cost_s={"smoke": 0.01, "cpu-small": 0.01, "gpu": 0.01, "paper": 0.01},
                 description="synthetic metrics from the params (tests and demos only)"),
 }

@@ -14,14 +14,14 @@ ROOT = Path(deftlab.__file__).resolve().parent
 # bottom -> top; a unit may import its own layer's *other* units only if no circle results (checked separately)
 LAYERS = [
     {"__init__", "errors", "paths", "settings", "checksums", "linalg", "manifest", "config"},  # core
-    {"store", "models", "allocate", "scoring"},
+    {"store", "models", "allocate", "scoring", "prune"},
     {"data", "planner"},
     {"tasks", "decompose"},
     {"surgery", "eval"},
     {"adapters", "train"},
     {"delta"},
     {"recipes"},  # the only place a run kind is strung together
-    {"experiments"},
+    {"experiments", "export"},  # export rebuilds a recorded run (recipes) and writes a standalone model
     {"commands", "cli", "__main__"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
