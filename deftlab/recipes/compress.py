@@ -197,9 +197,10 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
         cache = _decomposition_cache(dcfg, lm, skey if grams else None, cache_root)
         decs = decompose_all(weights, grams, cache, shard=shard)
-        if shard:  # the other ranks' shares, read back once they are written
+        if shard:  # the other ranks' shares, read back once they are written (ours are in hand)
             cache.wait_for(linears)
-            decs = decompose_all(weights, grams, cache)
+            rest = {n: w for n, w in weights.items() if n not in decs}
+            decs = {**decs, **decompose_all(rest, grams, cache, progress=False)}
         sigmas = {n: d.sigma for n, d in decs.items()}
     spectra = [MatrixSpectrum(name=n, layer=layer_index(n), out_features=shapes[n][0], in_features=shapes[n][1],
                               sigma=sigmas[n]) for n in linears]
