@@ -284,9 +284,15 @@ def check_factor_rule(factor: str) -> None:
 
 
 def stored_factored(m: int, n: int, theta: int, factor: str = "break-even", lrc_ratio: float = LRC_RATIO) -> bool:
-    """Whether a rank-θ matrix is stored as two matrices under a FACTOR_RULES rule."""
+    """Whether a rank-θ matrix is stored as two matrices under a FACTOR_RULES rule.
+
+    Under break-even an LRC whose factors cost exactly m·n (square, θ = n/2) is stored factored too: it saves
+    nothing and costs nothing, and LRC fine-tuning (adapter "lrc") needs its two matrices."""
     check_factor_rule(factor)
-    return is_lrc(min(m, n), theta, lrc_ratio) if factor == "lrc" else is_factored(m, n, theta)
+    lrc = is_lrc(min(m, n), theta, lrc_ratio)
+    if factor == "lrc":
+        return lrc
+    return is_factored(m, n, theta) or (lrc and theta * (m + n) == m * n)
 
 
 def make_allocation(method: str, spectra: list[MatrixSpectrum], ranks: dict[str, int], *,

@@ -6,12 +6,14 @@ undo the scaling on the right factor: W = U Σ (Vᵀ diag(S)⁻¹).
   cached decomposition then serves every rank, as for DeFT.
 - The sensitivity (`sensitivity`) is ASVD's `calib_sensitivity_ppl`: each matrix alone truncated at each kept ratio,
   the calibration perplexity measured, everything else dense: matrices × ratios forward passes, cached by the caller.
+  Blocks before the measured matrix's are replayed from their cached dense output (the same numbers, about half
+  the work), and finished matrices are handed to the caller as they come, so an interrupted table resumes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -78,11 +80,14 @@ def collect_abs_mean(model: torch.nn.Module, linears: Mapping[str, torch.nn.Modu
 
 
 @torch.inference_mode()
-def batches_nll(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Mean next-token NLL over the batches' non-padding tokens."""
+def batches_nll(model: torch.nn.Module, batches: list[dict], state: dict | None = None) -> float:
+    """Mean next-token NLL over the batches' non-padding tokens (state["batch"]: the batch in flight, for
+    replayed blocks)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for b in batches:
+    for b_i, b in enumerate(batches):
+        if state is not None:
+            state["batch"] = b_i
         ids = b["input_ids"].to(device)
         mask = b.get("attention_mask", torch.ones_like(ids)).to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -94,24 +99,103 @@ def batches_nll(model: torch.nn.Module, batches: list[dict]) -> float:
     return total / max(count, 1)
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for decoder block j < l while block l's matrices are measured: returns block l's cached input for
+    the current batch without computing (other attributes, e.g. attention_type, come from the block it replaces)."""
+
+    def __init__(self, block: torch.nn.Module, state: dict):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its weights stay out of this module
+        object.__setattr__(self, "_state", state)
+
+    def forward(self, *args, **kwargs):
+        h = self._state["inputs"][self._state["batch"]]
+        return (h,) if self._state["tuple"] else h
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
 @torch.inference_mode()
 def sensitivity(model: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], decs: Mapping[str, Decomposition],
-                batches: list[dict], ratios=ASVD_RATIOS, progress: bool = True) -> dict[str, dict[float, float]]:
-    """{matrix: {ρ: calibration perplexity with only that matrix truncated to ASVD's rank at ρ}}."""
-    out: dict[str, dict[float, float]] = {}
-    bar = tqdm(total=len(linears) * len(ratios), desc="ASVD sensitivity", disable=not progress)
-    for name, lin in linears.items():
-        original = lin.weight.data
-        m, n = original.shape
-        out[name] = {}
-        try:
-            for rho in ratios:
-                k = min(asvd_rank(m, n, rho), decs[name].full_rank)
-                B, A = truncated_factors(decs[name], k)
-                lin.weight.data = (B @ A).to(original)
-                out[name][float(rho)] = math.exp(batches_nll(model, batches))
-                bar.update()
-        finally:
-            lin.weight.data = original
+                batches: list[dict], ratios=ASVD_RATIOS, progress: bool = True,
+                done: Mapping[str, Mapping[float, float]] | None = None,
+                on_matrix: Callable[[str, dict[float, float]], None] | None = None) -> dict[str, dict[float, float]]:
+    """{matrix: {ρ: calibration perplexity with only that matrix truncated to ASVD's rank at ρ}}.
+
+    Matrices are measured block by block; blocks before the measured one are replayed from their cached output
+    (one dense pass per block keeps it), so each measurement computes only the blocks from the measured one on,
+    with the same numbers as a whole forward. done: rows already measured (skipped; resuming), on_matrix: called
+    with each new row (to save progress)."""
+    from deftlab.decompose.blockwise import decoder_layers
+
+    _, layers = decoder_layers(model)
+    block_of = {name: next((i for i, b in enumerate(layers) if any(m is lin for m in b.modules())), None)
+                for name, lin in linears.items()}
+    outside = [n for n, i in block_of.items() if i is None]
+    if outside:
+        raise DeftlabError(f"{outside[0]} is not in a decoder block", "ASVD measures the decoder blocks' linears")
+    out = {n: {float(r): float(v) for r, v in row.items()} for n, row in (done or {}).items() if n in linears}
+    todo = [n for n in linears if n not in out]
+    bar = tqdm(total=len(todo) * len(ratios), desc="ASVD sensitivity", disable=not progress)
+    state: dict = {"inputs": [], "batch": 0, "tuple": False}
+    originals = list(layers)
+    last = max((block_of[n] for n in todo), default=-1)
+    try:
+        for i in range(last + 1):
+            for j in range(i):
+                layers[j] = _Replay(originals[j], state)
+            for name in (n for n in todo if block_of[n] == i):
+                lin, original = linears[name], linears[name].weight.data
+                m, n = original.shape
+                row: dict[float, float] = {}
+                try:
+                    for rho in ratios:
+                        k = min(asvd_rank(m, n, rho), decs[name].full_rank)
+                        B, A = truncated_factors(decs[name], k)
+                        lin.weight.data = (B @ A).to(original)
+                        row[float(rho)] = math.exp(batches_nll(model, batches, state))
+                        bar.update()
+                finally:
+                    lin.weight.data = original
+                out[name] = row
+                if on_matrix is not None:
+                    on_matrix(name, row)
+            if i < last:  # block i's dense output: the next block's cached input
+                state["inputs"] = _block_outputs(model, originals[i], batches, state)
+    finally:
+        for j, block in enumerate(originals):
+            layers[j] = block
     bar.close()
     return out
+
+
+def _block_outputs(model: torch.nn.Module, block: torch.nn.Module, batches: list[dict], state: dict) -> list:
+    """Each batch's dense output of `block` (earlier blocks replayed), caught by a hook that stops the forward."""
+    outs: list = []
+
+    def catch(_mod, _args, output):
+        state["tuple"] = isinstance(output, tuple)
+        outs.append((output[0] if state["tuple"] else output).detach().clone())
+        raise _Stop
+
+    handle = block.register_forward_hook(catch)
+    try:
+        for b_i, b in enumerate(batches):
+            state["batch"] = b_i
+            ids = b["input_ids"].to(next(model.parameters()).device)
+            mask = b.get("attention_mask", torch.ones_like(ids)).to(ids.device)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return outs
+
+
+class _Stop(Exception):
+    pass

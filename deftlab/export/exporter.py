@@ -5,7 +5,7 @@ Two formats, both with the tokenizer (when it is an HF tokenizer), generation_co
 factored  the decomposed model at its own parameter count: safetensors with LowRankLinear layers as
           `<name>.v_proj.weight` / `<name>.u_proj.weight`, config.json of model_type "deftlab_factored" carrying
           `factored_ranks` ({module name: rank}) and an `auto_map` to the bundled modeling_deftlab.py (copied from
-          deftlab/export/modeling_factored.py; imports only torch and transformers), plus the run's rank map
+          deftlab/models/modeling_factored.py; imports only torch and transformers), plus the run's rank map
           (rank_map.json, the format of `deftlab.adapters.checkpoint`). Load with trust_remote_code=True.
 merged    the base architecture: each factored layer multiplied back to W_u·W_v; loads with no remote code.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from torch import nn
 
 from deftlab.errors import DeftlabError
 from deftlab.manifest import git_commit, package_versions, write_json_atomic
+from deftlab.models.factored_format import FACTORED_EXPORT_TYPE as MODEL_TYPE
+from deftlab.models.factored_format import MODELING_FILE, RECORD_FILE, modeling_source_for
 from deftlab.surgery.lowrank import LowRankLinear, linear_weight
 from deftlab.surgery.params import count_params
 from deftlab.surgery.quantize import is_4bit
@@ -37,12 +38,7 @@ from deftlab.surgery.replace import get_parent
 
 Format = Literal["factored", "merged"]
 FORMATS = ("factored", "merged")
-RECORD_FILE = "deftlab_export.json"
 RECORD_FORMAT = "deftlab-export-v1"
-MODELING_FILE = "modeling_deftlab.py"
-MODEL_TYPE = "deftlab_factored"
-_BUNDLED = Path(__file__).with_name("modeling_factored.py")
-_BASE_IMPORT = re.compile(r"^from transformers import \w+ as _BaseConfig, .*$", re.M)
 AUTO_MAP = {
     "AutoConfig": "modeling_deftlab.DeftlabFactoredConfig",
     "AutoModel": "modeling_deftlab.DeftlabFactoredModel",
@@ -129,19 +125,7 @@ def factored_ranks(model: nn.Module) -> dict[str, int]:
 
 def modeling_source(model: nn.Module) -> str:
     """The bundled modeling file with its base-architecture import pointing at `model`'s classes."""
-    import transformers
-
-    names = (type(model.config).__name__, type(model).__name__, type(model.base_model).__name__)
-    missing = [n for n in names if not hasattr(transformers, n)]
-    if missing:
-        raise DeftlabError(f"transformers exports no {missing[0]}: the factored format needs an HF architecture",
-                           "use --format merged")
-    line = f"from transformers import {names[0]} as _BaseConfig, {names[1]} as _BaseForCausalLM, " \
-           f"{names[2]} as _BaseModel"
-    source, n = _BASE_IMPORT.subn(line, _BUNDLED.read_text(), count=1)
-    if n != 1:
-        raise DeftlabError(f"{_BUNDLED} lost its base-architecture import line", "restore it")
-    return source
+    return modeling_source_for((type(model.config).__name__, type(model).__name__, type(model.base_model).__name__))
 
 
 def _factored_config(model: nn.Module, ranks: dict[str, int]) -> dict:

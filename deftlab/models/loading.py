@@ -23,6 +23,7 @@ import torch
 
 from deftlab.checksums import file_sha256
 from deftlab.errors import DeftlabError
+from deftlab.models.factored_format import is_factored_export
 from deftlab.models.registry import ModelSpec, get_spec, model_specs
 from deftlab.models.tiny import TinyTokenizer, tiny_llama
 from deftlab.settings import cache_dir, hub_offline
@@ -204,6 +205,7 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
         source, fingerprint = str(ckpt), json.loads((ckpt / CHECKSUMS).read_text())["files"][WEIGHTS]["sha256"]
     elif spec.source == "local":
         ckpt, source = Path(spec.path), spec.path
+        _refuse_factored_export(ckpt)
         fingerprint = _local_fingerprint(ckpt)
     else:
         ckpt, source = None, _hub_source(spec)
@@ -224,6 +226,13 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, checkpoint_dir=ckpt, fingerprint=fingerprint,
                        device=str(next(model.parameters()).device))
+
+
+def _refuse_factored_export(path: Path) -> None:
+    if is_factored_export(path):
+        raise DeftlabError(f"{path} is a factored deftlab export, which the dense-model commands cannot start from",
+                           "evaluate it with deftlab eval-lm, or export the run with --format merged for a dense "
+                           "model")
 
 
 def _tiny_checkpoint() -> Path:
@@ -248,6 +257,7 @@ def _weightless(spec: ModelSpec, dtype: torch.dtype, device: str) -> LoadedModel
             ckpt = ensure_checkpoint(spec)
             fingerprint = json.loads((ckpt / CHECKSUMS).read_text())["files"][WEIGHTS]["sha256"]
         elif spec.source == "local":
+            _refuse_factored_export(Path(spec.path))
             ckpt, fingerprint = Path(spec.path), _local_fingerprint(Path(spec.path))
         else:
             from huggingface_hub import snapshot_download

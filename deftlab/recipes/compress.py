@@ -4,6 +4,7 @@ perplexity. Run kind "compress"; also the first half of every decomposed fine-tu
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from deftlab.decompose.config import OUTLIER_THRESHOLD, DecompositionConfig
 from deftlab.decompose.driver import decompose_all
 from deftlab.decompose.targets import layer_index, target_linears
 from deftlab.errors import CacheCorruptError
+from deftlab.manifest import write_json_atomic
 from deftlab.eval.corpora import alpaca_text
 from deftlab.eval.perplexity import PerplexityConfig, corpus_perplexities
 from deftlab.models import ModelConfig
@@ -191,12 +193,9 @@ def compress_model(dcfg: DecompositionConfig, lm, *, data_dir=None, lora_rank: i
         decs, cache, skey, sens = asvd_decomposition(dcfg, lm, linears, data_dir=data_dir, cache_root=cache_root)
         sigmas, alpha, weights = {n: d.sigma for n, d in decs.items()}, None, None
     else:
-        stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
+        stats, skey, weights, grams, cache, decs = _whole_model_decomposition(dcfg, lm, linears, data_dir,
+                                                                              cache_root, shard)
         alpha = stats.alpha if stats else None
-        weights = {n: m.weight.detach().float() for n, m in linears.items()}
-        grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
-        cache = _decomposition_cache(dcfg, lm, skey if grams else None, cache_root)
-        decs = decompose_all(weights, grams, cache, shard=shard)
         if shard:  # the other ranks' shares, read back once they are written (ours are in hand)
             cache.wait_for(linears)
             rest = {n: w for n, w in weights.items() if n not in decs}
@@ -257,18 +256,38 @@ def asvd_decomposition(dcfg: DecompositionConfig, lm, linears: dict, *, data_dir
     def sens() -> dict[str, dict[float, float]]:
         tag = hashlib.sha256(json.dumps([dcfg.asvd_sensitivity_n, list(dcfg.asvd_ratios)]).encode()).hexdigest()[:12]
         path = cache.dir / f"sensitivity-{tag}.json"
-        if path.is_file():
+
+        def read() -> dict[str, dict[float, float]]:
             return {n: {float(r): v for r, v in row.items()} for n, row in json.loads(path.read_text()).items()}
+
+        if path.is_file():
+            return read()
         examples, subset = 0, []
         for b in batches:  # the first asvd_sensitivity_n calibration examples
             if examples >= dcfg.asvd_sensitivity_n:
                 break
             subset.append({k: v[: dcfg.asvd_sensitivity_n - examples] for k, v in b.items()})
             examples += len(subset[-1]["input_ids"])
-        table = asvd_sensitivity(lm.model, linears, decs, subset, ratios=dcfg.asvd_ratios)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        # one process measures (runs at two budgets share the table; the other waits, then reads it); finished
+        # rows are saved as they come (hours at ASVD's scale), so an interrupted table resumes from them
+        partial = path.with_name(f"{path.stem}.partial.json")
+        with open(path.with_name(f"{path.stem}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                return read()
+            try:
+                done = json.loads(partial.read_text())
+            except (OSError, ValueError):
+                done = {}
+
+            def save(name: str, row: dict[float, float]) -> None:
+                done[name] = row
+                write_json_atomic(partial, done)
+
+            table = asvd_sensitivity(lm.model, linears, decs, subset, ratios=dcfg.asvd_ratios, done=done,
+                                     on_matrix=save)
+            write_json_atomic(path, table)
+            partial.unlink(missing_ok=True)
         return table
 
     return decs, cache, skey, sens
@@ -311,18 +330,28 @@ def decompose_shard(cfg: CompressConfig, shard: tuple[int, int]) -> tuple[Path, 
     if not dcfg.decomposes:
         raise ConfigError("allocator 'none' decomposes nothing", "pass --keep or --err with an allocator")
     data_dir = settings.data_dir(cfg.data_dir)
+    if dcfg.allocator == "wanda" or dcfg.svd == "asvd":
+        what = "Wanda pruning" if dcfg.allocator == "wanda" else "ASVD's scaled SVD"
+        raise ConfigError(f"--shard splits the decomposition cache's SVDs; {what} has no sharded pass",
+                          "run it without --shard")
     lm = cfg.model.load(weights=not dcfg.blockwise)
-    names = list(target_linears(lm.model, dcfg.targets))
     if dcfg.blockwise:
-        names = []
+        names: list[str] = []
         _, _, cache = blockwise_decomposition(dcfg, lm, data_dir=data_dir, shard=shard, owned=names)
-    else:
-        stats, skey = calibration_stats(dcfg, lm, data_dir) if dcfg.needs_stats else (None, None)
-        grams = {n: stats.gram(n) for n in names} if dcfg.svd == "whitened" else None
-        cache = _decomposition_cache(dcfg, lm, skey if grams else None, None)
-        weights = {n: lm.model.get_submodule(n).weight.detach().float() for n in names}
-        names = list(decompose_all(weights, grams, cache, shard=shard))
-    return cache.dir, names
+        return cache.dir, names
+    linears = target_linears(lm.model, dcfg.targets)
+    *_, cache, decs = _whole_model_decomposition(dcfg, lm, linears, data_dir, None, shard)
+    return cache.dir, list(decs)
+
+
+def _whole_model_decomposition(dcfg: DecompositionConfig, lm, linears: dict, data_dir, cache_root, shard):
+    """Calibrate (when the method needs statistics) and decompose this shard's share of `linears` into the cache:
+    (stats, stats key, fp32 weights, Grams or None, cache, {name: Decomposition} of this shard)."""
+    stats, skey = calibration_stats(dcfg, lm, data_dir, cache_root) if dcfg.needs_stats else (None, None)
+    weights = {n: m.weight.detach().float() for n, m in linears.items()}
+    grams = {n: stats.gram(n) for n in linears} if dcfg.svd == "whitened" else None
+    cache = _decomposition_cache(dcfg, lm, skey if grams else None, cache_root)
+    return stats, skey, weights, grams, cache, decompose_all(weights, grams, cache, shard=shard)
 
 
 class _NoAllocation:

@@ -23,6 +23,7 @@ from deftlab import settings
 from deftlab.config import ConfigError, from_params, replace, to_dict
 from deftlab.errors import DeftlabError
 from deftlab.models import ModelConfig
+from deftlab.models.factored_format import export_record, is_factored_export, load_factored
 
 RUN_SOURCES = ("finetune", "compress")
 
@@ -105,6 +106,13 @@ def load_source(cfg: LmEvalConfig):
             raise DeftlabError(f"run {ref} is a '{kind}' run, which holds no model to evaluate",
                                f"pass a {' or '.join(RUN_SOURCES)} run, or a model")
         source = {"source": ref, "source_kind": kind, "source_model": (rec.get("params") or {}).get("model")}
+    elif cfg.delta is None and is_factored_export(cfg.model.model):
+        import torch
+
+        rec = export_record(cfg.model.model)
+        dtype = cfg.model.dtype if cfg.model.dtype not in (None, "auto") else rec.get("dtype", "float32")
+        model, tokenizer = load_factored(cfg.model.model, dtype=getattr(torch, dtype), device=cfg.model.device)
+        return model, tokenizer, {"source": cfg.model.model, "source_kind": "export", "source_model": rec.get("model")}
     else:
         lm = cfg.model.load()
         model = lm.model

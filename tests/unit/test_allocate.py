@@ -322,6 +322,16 @@ def test_welore_lrc_factor_rule_factors_only_lrcs():
         welore_allocate(sp, 0.3, factor="half")
 
 
+def test_square_lrc_at_break_even_cost_is_factored():
+    # 64×64 at θ = 32: an LRC (half the rank removed) whose factors cost exactly 64·64. Break-even stores it as
+    # two matrices anyway (same parameters) so LRC fine-tuning can train them; θ = 33 is neither, θ = 31 both
+    sp = [MatrixSpectrum(f"m{i}", 0, 64, 64, torch.linspace(1, 0.01, 64, dtype=torch.float64)) for i in range(3)]
+    a = make_allocation("x", sp, {"m0": 32, "m1": 33, "m2": 31})
+    assert a.lrc == {"m0": True, "m1": False, "m2": True}
+    assert a.factored == {"m0": True, "m1": False, "m2": True}
+    assert a.params_kept == 64 * 64 + 64 * 64 + 31 * 128  # factoring m0 costs what dense m0 costs
+
+
 def test_whole_model_budget_converts_to_the_linears_and_back():
     # LLaMA-7B: 6.738B in all, 6.476B in the decoder linears; the paper's 85% of the model is 5.73B
     total, lin = 6_738_415_616, 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)

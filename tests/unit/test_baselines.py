@@ -177,6 +177,49 @@ def test_asvd_search_follows_its_definition():
     assert asvd_rank(64, 160, 0.8) == int(64 * 160 * 0.8) // 224
 
 
+def test_asvd_sensitivity_is_each_matrix_truncated_alone(tmp_cache):
+    """The block-replay sensitivity equals its definition, one whole dense forward per (matrix, ratio) with only
+    that matrix truncated, exactly; a table resumed from half its rows is the same table."""
+    import math
+
+    from deftlab.allocate.asvd import asvd_rank
+    from deftlab.decompose.asvd import batches_nll, scaled_svd, sensitivity
+    from deftlab.decompose.targets import target_linears
+    from deftlab.decompose.whiten import truncated_factors
+    from deftlab.models import load_model
+
+    model = load_model("tiny").model.eval()
+    linears = target_linears(model, ("q_proj", "o_proj", "down_proj"))
+    g = torch.Generator().manual_seed(0)
+    decs = {n: scaled_svd(m.weight, 0.5 + torch.rand(m.in_features, generator=g)) for n, m in linears.items()}
+    batches = [{"input_ids": torch.randint(3, 128, (2, 12), generator=g)},
+               {"input_ids": torch.randint(3, 128, (1, 9), generator=g),
+                "attention_mask": torch.tensor([[1] * 7 + [0] * 2])}]
+    ratios = (0.5, 0.8)
+    brute = {}
+    with torch.inference_mode():
+        for name, lin in linears.items():
+            original, (m, n) = lin.weight.data, lin.weight.shape
+            brute[name] = {}
+            for rho in ratios:
+                B, A = truncated_factors(decs[name], min(asvd_rank(m, n, rho), decs[name].full_rank))
+                lin.weight.data = (B @ A).to(original)
+                brute[name][rho] = math.exp(batches_nll(model, batches))
+            lin.weight.data = original
+    before = [p.clone() for p in model.parameters()]
+    seen = []
+    table = sensitivity(model, linears, decs, batches, ratios=ratios, progress=False,
+                        on_matrix=lambda n, row: seen.append(n))
+    assert table == brute and seen == list(linears)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every block and weight restored
+    half = dict(list(brute.items())[: len(brute) // 2])
+    seen.clear()
+    assert sensitivity(model, linears, decs, batches, ratios=ratios, progress=False, done=half,
+                       on_matrix=lambda n, row: seen.append(n)) == brute
+    assert seen == list(linears)[len(half):]
+    assert len({type(b).__name__ for b in model.model.layers}) == 1  # no replay left behind
+
+
 def test_asvd_method_end_to_end(env, tmp_path):
     from deftlab.allocate.asvd import asvd_rank
 

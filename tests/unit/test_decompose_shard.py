@@ -119,3 +119,12 @@ def test_shard_auto_outside_torchrun(monkeypatch):
     with pytest.raises(ConfigError, match="torchrun"):
         parse_shard("auto")
     assert main is not None
+
+
+@pytest.mark.parametrize("flags, what", [(["--allocator", "wanda"], "Wanda"),
+                                         (["--allocator", "asvd", "--svd", "asvd"], "ASVD")])
+def test_passes_without_shared_svds_refuse_a_shard(flags, what, capsys):
+    # refused before the model loads: nothing would be split, and a sharded cache of plain SVDs would be misread
+    assert main([*ARGS, *flags, "--shard", "0/2"]) == 2
+    err = capsys.readouterr().err
+    assert what in err and "without --shard" in err

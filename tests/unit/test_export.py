@@ -16,7 +16,7 @@ import torch
 
 from deftlab.errors import DeftlabError
 from deftlab.export import FORMATS, MODELING_FILE, RECORD_FILE, export_model, export_run
-from deftlab.export.exporter import _BUNDLED
+from deftlab.models.factored_format import _BUNDLED
 
 TINY = dict(model="tiny", task="generated", profile="smoke", device="cpu", max_steps=2, eval_limit=1)
 DECOMP = dict(calib_n=8, calib_max_length=64, group=4)
@@ -235,3 +235,37 @@ def test_other_architecture_with_biased_factors_round_trips(tmp_path):
         assert err <= MAX_REL_ERR, (fmt, err)
     assert report[str(tmp_path / "factored")]["params"] == n
     assert report[str(tmp_path / "merged")]["class"] == "Qwen2ForCausalLM"
+
+
+def test_factored_exports_load_back_into_deftlab_and_eval_lm(exported, tmp_path):
+    """deftlab reads its own factored exports (eval-lm's MODEL), runs their modeling file only when it is exactly
+    the one this deftlab writes, and refuses them where a dense model is needed, with one line each."""
+    import shutil
+
+    from deftlab.models import load_model
+    from deftlab.models.factored_format import is_factored_export, load_factored
+    from deftlab.recipes.lm_eval_run import LmEvalConfig, load_source
+
+    for name, run in exported["runs"].items():
+        d = exported["root"] / "exports" / f"{name}-factored"
+        assert is_factored_export(d) and not is_factored_export(d.with_name(f"{name}-merged"))
+        model, tokenizer = load_factored(d)
+        assert tokenizer is None  # the tiny model's tokenizer is not a Hugging Face one (the record says so)
+        assert sum(p.numel() for p in model.parameters()) == run["record"]["metrics"]["params"]
+        assert rel_err(memory_logits(model, TOKENS), run["logits"]) <= MAX_REL_ERR, name
+    d = exported["root"] / "exports" / "deft_lora-factored"
+    model, _, source = load_source(LmEvalConfig.from_params({"model": str(d)}).resolve())
+    assert source["source_kind"] == "export" and source["source_model"] == "tiny"
+    assert sum(p.numel() for p in model.parameters()) == exported["runs"]["deft_lora"]["record"]["metrics"]["params"]
+    with pytest.raises(DeftlabError, match="factored deftlab export"):
+        load_model(str(d))
+    # an edited modeling file is refused before anything in it runs
+    edited = tmp_path / "edited"
+    shutil.copytree(d, edited)
+    with open(edited / MODELING_FILE, "a") as f:
+        f.write("\nraise RuntimeError('the edited file ran')\n")
+    with pytest.raises(DeftlabError, match="not the modeling file this deftlab writes"):
+        load_factored(edited)
+    (edited / MODELING_FILE).unlink()
+    with pytest.raises(DeftlabError, match="not the modeling file"):
+        load_factored(edited)
