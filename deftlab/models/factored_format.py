@@ -72,10 +72,14 @@ def load_factored(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
                            "version)", "re-export the run with this deftlab, or read the file and load the directory "
                            "yourself with trust_remote_code=True")
     model = AutoModelForCausalLM.from_pretrained(str(d), trust_remote_code=True, dtype=dtype).to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(d))
-    except (OSError, ValueError):  # exported without a Hugging Face tokenizer (the record's "tokenizer" says why)
-        tokenizer = None
+    tokenizer = None
+    tok_config = d / "tokenizer_config.json"
+    if tok_config.is_file():  # absent: exported without a Hugging Face tokenizer (the record says why)
+        if "auto_map" in json.loads(tok_config.read_text()):
+            raise DeftlabError(f"{tok_config} names custom tokenizer code, which deftlab does not write",
+                               "re-export the run with this deftlab")
+        # the flag only lets the tokenizer read config.json's checked auto_map (without it, transformers prompts)
+        tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=True)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -269,3 +269,27 @@ def test_factored_exports_load_back_into_deftlab_and_eval_lm(exported, tmp_path)
     (edited / MODELING_FILE).unlink()
     with pytest.raises(DeftlabError, match="not the modeling file"):
         load_factored(edited)
+
+
+def test_a_factored_export_with_a_tokenizer_loads_it_without_a_prompt(exported, tmp_path):
+    """transformers' AutoTokenizer reads config.json's auto_map and would ask before running it; load_factored
+    loads the tokenizer too (the modeling file checked), unless the tokenizer config names code of its own."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from deftlab.models.factored_format import load_factored
+
+    d = tmp_path / "with-tokenizer"
+    shutil.copytree(exported["root"] / "exports" / "deft_lora-factored", d)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "2": 3, "+": 4, "=": 5}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(str(d))
+    _, loaded = load_factored(d)
+    assert loaded is not None and loaded.convert_tokens_to_ids(["2", "+"]) == [3, 4] and loaded.pad_token == "</s>"
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    with pytest.raises(DeftlabError, match="custom tokenizer code"):
+        load_factored(d)
