@@ -79,11 +79,7 @@ def _export(args) -> int:
     from deftlab.recipes.osd import export_run
     from deftlab.store import ResultsStore
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        store = ResultsStore(args.results)
-        rec = store.find(args.run_dir)
-        run_dir = store.run_dir(rec["kind"], rec["key"])
+    run_dir = ResultsStore(args.results).locate(args.run_dir)
     opts = {k: v for k, v in (("rank", args.rank), ("index", args.index)) if v is not None}
     report = export_run(run_dir, args.codec, args.budget, args.out, grad_at=args.grad_at,
                         grad_batches=args.grad_batches, grad_batch_size=args.grad_batch_size,

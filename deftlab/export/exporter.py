@@ -49,17 +49,13 @@ _PACKAGES = ("deftlab", "torch", "transformers", "safetensors", "peft", "bitsand
 
 # --- resolving a run ---------------------------------------------------------------------------------------------
 def resolve_run(run: str | os.PathLike, results: str | os.PathLike | None = None) -> Path:
-    """A run directory from a path, or from a key / key prefix / kind/key in the results store."""
+    """A recorded run's directory from a path, or from a key / key prefix / kind/key in the results store."""
     from deftlab.store import RECORD, ResultsStore
 
-    path = Path(run).expanduser()
-    if path.is_dir():
-        if not (path / RECORD).is_file():
-            raise DeftlabError(f"{path} has no {RECORD}", "pass a recorded run's directory, key or kind/key")
-        return path
-    store = ResultsStore(results)
-    rec = store.find(str(run))
-    return store.run_dir(rec["kind"], rec["key"])
+    path = ResultsStore(results).locate(run)
+    if not (path / RECORD).is_file():
+        raise DeftlabError(f"{path} has no {RECORD}", "pass a recorded run's directory, key or kind/key")
+    return path
 
 
 # --- preparing the model -----------------------------------------------------------------------------------------

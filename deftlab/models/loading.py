@@ -178,6 +178,15 @@ def _hub_source(spec: ModelSpec) -> str:
     return spec.hub_id
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config names ("auto": bfloat16 where CUDA is available, else float32)."""
+    if name == "auto":
+        name = "bfloat16" if torch.cuda.is_available() else "float32"
+    if name not in _DTYPES:
+        raise DeftlabError(f"unknown dtype '{name}'", f"use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cpu",
                weights: bool = True) -> LoadedModel:
     """Load model + tokenizer. `device`: 'cpu', 'cuda', or 'auto' (accelerate device_map).
@@ -188,17 +197,12 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = resolve_spec(name_or_path)
-    dtype_name = dtype or spec.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if torch.cuda.is_available() else "float32"
-    if dtype_name not in _DTYPES:
-        raise DeftlabError(f"unknown dtype '{dtype_name}'", f"use one of {sorted(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype_name]
+    dt = torch_dtype(dtype or spec.dtype)
 
     if not weights:
-        return _weightless(spec, torch_dtype, "cpu" if device == "auto" else device)
+        return _weightless(spec, dt, "cpu" if device == "auto" else device)
     if spec.source == "tiny":
-        return LoadedModel(model=tiny_llama(seed=0).to(torch_dtype), tokenizer=TinyTokenizer(), spec=spec,
+        return LoadedModel(model=tiny_llama(seed=0).to(dt), tokenizer=TinyTokenizer(), spec=spec,
                            checkpoint_dir=None, fingerprint="tiny:seed0")
     if spec.source == "gguf_package":
         ckpt = ensure_checkpoint(spec)
@@ -210,7 +214,7 @@ def load_model(name_or_path: str, *, dtype: str | None = None, device: str = "cp
     else:
         ckpt, source = None, _hub_source(spec)
         fingerprint = f"hub:{spec.hub_id}"
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": dt}
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:

@@ -24,6 +24,7 @@ from deftlab.config import ConfigError, from_params, replace, to_dict
 from deftlab.errors import DeftlabError
 from deftlab.models import ModelConfig
 from deftlab.models.factored_format import export_record, is_factored_export, load_factored
+from deftlab.models.loading import torch_dtype
 
 RUN_SOURCES = ("finetune", "compress")
 
@@ -73,12 +74,8 @@ def resolve_run(value: Any) -> tuple[Path, dict]:
 
     if isinstance(value, dict) and isinstance(value.get("dir"), str):
         run_dir = Path(value["dir"])
-    elif isinstance(value, str) and Path(value).expanduser().is_dir():
-        run_dir = Path(value).expanduser()
     elif isinstance(value, str):
-        store = ResultsStore()
-        rec = store.find(value)
-        run_dir = store.run_dir(rec["kind"], rec["key"])
+        run_dir = ResultsStore().locate(value)
     else:
         raise DeftlabError(f"lm_eval param 'run' is a {type(value).__name__}",
                            "give 'kind/key', a run directory, or {ref: {kind: ..., params: ...}}")
@@ -106,16 +103,16 @@ def load_source(cfg: LmEvalConfig):
             raise DeftlabError(f"run {ref} is a '{kind}' run, which holds no model to evaluate",
                                f"pass a {' or '.join(RUN_SOURCES)} run, or a model")
         source = {"source": ref, "source_kind": kind, "source_model": (rec.get("params") or {}).get("model")}
+        tokenizer = lm.tokenizer
     elif cfg.delta is None and is_factored_export(cfg.model.model):
-        import torch
-
         rec = export_record(cfg.model.model)
-        dtype = cfg.model.dtype if cfg.model.dtype not in (None, "auto") else rec.get("dtype", "float32")
-        model, tokenizer = load_factored(cfg.model.model, dtype=getattr(torch, dtype), device=cfg.model.device)
-        return model, tokenizer, {"source": cfg.model.model, "source_kind": "export", "source_model": rec.get("model")}
+        name = cfg.model.dtype if cfg.model.dtype not in (None, "auto") else rec.get("dtype", "float32")
+        dtype = torch_dtype(name)
+        model, tokenizer = load_factored(cfg.model.model, dtype=dtype, device=cfg.model.device)
+        source = {"source": cfg.model.model, "source_kind": "export", "source_model": rec.get("model")}
     else:
         lm = cfg.model.load()
-        model = lm.model
+        model, tokenizer = lm.model, lm.tokenizer
         source = {"source": cfg.model.model, "source_kind": "model", "source_model": cfg.model.model}
         if cfg.delta:
             from deftlab.delta.extract import apply_stored
@@ -123,7 +120,7 @@ def load_source(cfg: LmEvalConfig):
             model, _ = apply_stored(lm, cfg.delta)
             source.update(source=str(cfg.delta), source_kind="delta")
     model.eval()
-    return model, lm.tokenizer, source
+    return model, tokenizer, source
 
 
 def run_lm_eval(params: dict, run_dir, progress: bool = False) -> dict:

@@ -151,6 +151,15 @@ class ResultsStore:
                 if rec is not None:
                     yield rec
 
+    def locate(self, run: str | os.PathLike) -> Path:
+        """A run's directory: `run` itself when it is a directory, else the run whose key (or key prefix, or
+        kind/key) it is in this store (`find`). Reading its record (`read_record`) checks it is one."""
+        path = Path(run).expanduser()
+        if path.is_dir():
+            return path
+        rec = self.find(str(run))
+        return self.run_dir(rec["kind"], rec["key"])
+
     def find(self, key: str) -> dict:
         """The record whose key is `key` or starts with it (any kind; 'kind/key' also works)."""
         kind, _, key = key.rpartition("/")
